@@ -1,0 +1,226 @@
+"""Shared by every stage: params loading and validation, seeding, device choice,
+atomic writes, and the one-line error that a stage stops with.
+
+Every stage script is run from the repository root (as `dvc repro` does), so
+`params.yaml` and the paths in its `paths:` section are relative to that root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+# The four MNIST files as the download stage stores them in `paths.raw`
+# (decompressed, so their bytes and DVC hashes do not depend on the mirror).
+RAW_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+class PipelineError(Exception):
+    """An error the user can fix (bad params, bad data, missing device): shown as one line."""
+
+
+# --------------------------------------------------------------------------- params
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a PipelineError naming the key, its value and what is allowed, unless ok."""
+    if not ok:
+        raise PipelineError(f"{PARAMS_FILE}: {key} = {value!r} is not allowed: {allowed}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check one value against its type hint; return it converted where that is lossless."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        # compare types too: YAML's 1 must not pass for True
+        ok = any(value == c and type(value) is type(c) for c in choices)
+        require(ok, key, value, "one of " + ", ".join(str(c).lower() for c in choices))
+        return value
+    if origin is tuple:  # tuple[str, ...]
+        item = typing.get_args(hint)[0]
+        require(isinstance(value, list), key, value, f"a list of {item.__name__}")
+        return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if hint is bool:
+        require(isinstance(value, bool), key, value, "true or false")
+    elif hint is int:
+        require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+    elif hint is float:
+        # `dvc exp run -S train.lr=1e-06` writes `lr: 1e-06`, which YAML 1.1 (PyYAML)
+        # reads as a string: accept any string that Python parses as a number.
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        require(
+            isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number"
+        )
+        return float(value)
+    elif hint is str:
+        require(isinstance(value, str), key, value, "a string")
+    return value
+
+
+def parse_section(cls: type, raw: Any) -> Any:
+    """Build the frozen dataclass `cls` from the dict `raw`, rejecting unknown,
+    missing and mistyped keys; range checks are in the dataclass's __post_init__."""
+    section = cls.SECTION
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{PARAMS_FILE}: section '{section}' is missing or not a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+            valid = ", ".join(fields)
+            raise PipelineError(
+                f"{PARAMS_FILE}: unknown key '{section}.{key}'{hint}; valid keys: {valid}"
+            )
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        names = ", ".join(f"{section}.{m}" for m in missing)
+        raise PipelineError(f"{PARAMS_FILE}: missing key(s) {names}")
+    values = {name: _coerce(f"{section}.{name}", raw[name], hints[name]) for name in fields}
+    return cls(**values)
+
+
+def load_params(cls: type, params_file: Path = PARAMS_FILE) -> Any:
+    """Read section `cls.SECTION` of params.yaml into the frozen dataclass `cls`."""
+    try:
+        with open(params_file) as f:
+            document = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"{params_file} not found: run from the repository root") from None
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{params_file} is not valid YAML: {error}") from None
+    return parse_section(cls, document.get(cls.SECTION))
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file and folder the stages exchange; dvc.yaml reads the same section."""
+
+    SECTION: ClassVar[str] = "paths"
+    raw: str
+    processed: str
+    model: str
+    checkpoint: str
+    train_report: str
+    eval_report: str
+    plots: str
+
+
+def load_paths(params_file: Path = PARAMS_FILE) -> Paths:
+    return load_params(Paths, params_file)
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's global generators (CPU and every GPU)."""
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(requested: str) -> Any:
+    """'auto' picks CUDA, then Apple MPS, then CPU; a named device that is absent is an error."""
+    import torch
+
+    has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if requested == "auto":
+        name = next((n for n in ("cuda", "mps") if has[n]), "cpu")
+        return torch.device(name)
+    if requested != "cpu" and not has[requested]:
+        raise PipelineError(
+            f"device '{requested}' was asked for but torch sees none on this machine "
+            f"(torch {torch.__version__}); use 'auto' or 'cpu'"
+        )
+    return torch.device(requested)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block
+    succeeds, so a crash never leaves a half-written file or folder at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: str | Path) -> Any:
+    """Load a tensor file or checkpoint without unpickling arbitrary objects."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run the stage that makes it first") from None
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage's main(): a PipelineError becomes one line on stderr and exit 1;
+    SIGTERM is handled like Ctrl-C so that `finally` blocks run."""
+
+    def on_sigterm(signum: int, frame: types.FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        main()
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

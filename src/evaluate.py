@@ -1,0 +1,136 @@
+"""Evaluate stage: the trained model on the held-out MNIST test set.
+
+Inputs:  `paths.model`; `paths.processed`/test.pt; params.yaml `evaluate`.
+Outputs: `paths.eval_report`/
+           metrics.json       test accuracy, loss (plain cross-entropy), macro F1, errors
+           per_class.csv      precision, recall (= per-class accuracy), F1, support
+           confusion.csv      one row per test image: actual, predicted (DVC `confusion`)
+           misclassified.csv  index into test.pt, actual, predicted, confidence
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from common import (
+    Device,
+    atomic_path,
+    load_params,
+    load_paths,
+    load_torch,
+    pick_device,
+    require,
+    run,
+)
+from model import predict_logits, resnet18
+
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    SECTION: ClassVar[str] = "evaluate"
+    batch_size: int
+    device: Device
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+
+
+def per_class_table(labels: Tensor, predictions: Tensor) -> pd.DataFrame:
+    """Precision, recall and F1 per class (0 where undefined), with support."""
+    confusion = torch.bincount(
+        labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES**2
+    ).reshape(NUM_CLASSES, NUM_CLASSES)
+    true_pos = confusion.diag().double()
+    support, predicted = confusion.sum(1).double(), confusion.sum(0).double()
+    precision = torch.where(predicted > 0, true_pos / predicted, 0.0)
+    recall = torch.where(support > 0, true_pos / support, 0.0)
+    denominator = precision + recall
+    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator, 0.0)
+    return pd.DataFrame(
+        {
+            "class": range(NUM_CLASSES),
+            "precision": precision.numpy(),
+            "recall": recall.numpy(),
+            "f1": f1.numpy(),
+            "support": support.long().numpy(),
+        }
+    )
+
+
+def evaluate(logits: Tensor, labels: Tensor) -> dict[str, pd.DataFrame | dict]:
+    """Every evaluation output from the test logits and labels."""
+    probabilities = logits.softmax(1)
+    confidence, predictions = probabilities.max(1)
+    table = per_class_table(labels, predictions)
+    wrong = (predictions != labels).nonzero().squeeze(1)
+    metrics = {
+        "test": {
+            "accuracy": (predictions == labels).double().mean().item(),
+            "loss": F.cross_entropy(logits, labels).item(),
+            "macro_f1": float(table["f1"].mean()),
+            "errors": len(wrong),
+            "images": len(labels),
+        }
+    }
+    return {
+        "metrics": metrics,
+        "per_class": table,
+        "confusion": pd.DataFrame({"actual": labels.numpy(), "predicted": predictions.numpy()}),
+        "misclassified": pd.DataFrame(
+            {
+                "index": wrong.numpy(),
+                "actual": labels[wrong].numpy(),
+                "predicted": predictions[wrong].numpy(),
+                "confidence": confidence[wrong].numpy(),
+            }
+        ),
+    }
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The trained network (eval mode, on `device`) and what was saved with it."""
+    saved = load_torch(path)
+    net = resnet18(width=saved["params"]["model"]["width"])
+    net.load_state_dict(saved["state_dict"])
+    return net.to(device).eval(), saved
+
+
+def main() -> None:
+    params = load_params(EvaluateParams)
+    paths = load_paths()
+    device = pick_device(params.device)
+    net, saved = load_model(paths.model, device)
+    test = load_torch(Path(paths.processed) / "test.pt")
+    logits = predict_logits(
+        net,
+        test["images"].to(device),
+        saved["stats"]["mean"],
+        saved["stats"]["std"],
+        params.batch_size,
+    ).cpu()
+    results = evaluate(logits, test["labels"])
+
+    with atomic_path(paths.eval_report) as tmp:
+        tmp.mkdir()
+        (tmp / "metrics.json").write_text(json.dumps(results["metrics"], indent=2) + "\n")
+        for name in ("per_class", "confusion", "misclassified"):
+            results[name].to_csv(tmp / f"{name}.csv", index=False, float_format="%.6f")
+    test_metrics = results["metrics"]["test"]
+    print(
+        f"test accuracy {test_metrics['accuracy']:.4f}, loss {test_metrics['loss']:.4f}, "
+        f"{test_metrics['errors']} errors of {test_metrics['images']}"
+    )
+
+
+if __name__ == "__main__":
+    run(main)
