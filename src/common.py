@@ -95,7 +95,9 @@ def parse_section(cls: type, raw: Any) -> Any:
     fields = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
+            close = difflib.get_close_matches(str(key), fields, n=1) or [
+                f for f in fields if f == "".join(w[:1] for w in str(key).split("_"))
+            ]  # a spelt-out abbreviation: learning_rate -> lr
             hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
             valid = ", ".join(fields)
             raise PipelineError(

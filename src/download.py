@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import os
 import sys
@@ -97,7 +98,9 @@ def fetch(source: str, filename: str, timeout_s: float) -> bytes:
                 return _read_limited(response, int(length) if length else None, filename)
         except urllib.error.HTTPError as error:
             raise MirrorError(f"HTTP {error.code} {error.reason}") from None
-        except (urllib.error.URLError, OSError) as error:
+        except http.client.IncompleteRead as error:
+            raise MirrorError(f"truncated: got {len(error.partial)} bytes, then the connection closed") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
             reason = getattr(error, "reason", error)
             raise MirrorError(f"unreachable ({reason})") from None
     if scheme == "file":

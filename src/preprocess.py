@@ -61,12 +61,13 @@ class PreprocessParams:
 
 def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     data = path.read_bytes()
+    found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if found != magic:
+        shown = "missing" if found is None else f"{found:#010x}"
+        raise PipelineError(f"{path}: magic number {shown}, expected {magic:#010x}")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise PipelineError(f"{path}: {len(data)} bytes, shorter than an IDX header")
-    found = int.from_bytes(data[:4], "big")
-    if found != magic:
-        raise PipelineError(f"{path}: magic number {found:#010x}, expected {magic:#010x}")
+        raise PipelineError(f"{path}: {len(data)} bytes, shorter than its IDX header")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + int(np.prod(dims))
     if len(data) != expected:

@@ -1,0 +1,173 @@
+"""Shared fixtures: synthetic MNIST-like IDX files, a local HTTP mirror, the real
+mirror from MNIST_MIRROR, and a throw-away copy of the project for CLI tests."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["src", "params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"]
+
+# A run small enough for a 2-core CPU in seconds: everything but the sizes as in params.yaml.
+TINY = {
+    "preprocess": {"val_size": 100, "train_limit": 400, "test_limit": 200},
+    "model": {"width": 4},
+    "train": {"epochs": 2, "batch_size": 50, "device": "cpu", "eval_batch_size": 256},
+    "evaluate": {"device": "cpu"},
+    "plot": {"max_misclassified": 8, "dpi": 50},
+}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in the IDX format (magic 0x08 = unsigned byte, then ndim)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    return header + array.astype(np.uint8).tobytes()
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n 28x28 images whose class (0..9) is a bright bar at a class-specific row."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 2 + 2 * label : 4 + 2 * label, 4:24] = 255
+    return images, labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def synthetic_files() -> dict[str, bytes]:
+    """Decompressed bytes of four small synthetic MNIST-format files."""
+    train_x, train_y = synthetic_digits(300, seed=1)
+    test_x, test_y = synthetic_digits(100, seed=2)
+    return {
+        "train-images-idx3-ubyte": idx_bytes(train_x),
+        "train-labels-idx1-ubyte": idx_bytes(train_y),
+        "t10k-images-idx3-ubyte": idx_bytes(test_x),
+        "t10k-labels-idx1-ubyte": idx_bytes(test_y),
+    }
+
+
+@pytest.fixture(scope="session")
+def synthetic_checksums(synthetic_files: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in synthetic_files.items()}
+
+
+@pytest.fixture
+def synthetic_mirror(tmp_path: Path, synthetic_files: dict[str, bytes]) -> Path:
+    """A folder laid out like a public MNIST mirror (<name>.gz)."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name, data in synthetic_files.items():
+        (mirror / f"{name}.gz").write_bytes(gzip.compress(data, mtime=0))
+    return mirror
+
+
+class _MirrorHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `<mode>/<file>` from the mirror folder, faulty as `mode` says."""
+
+    mirror: Path
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        mode, _, name = self.path.strip("/").partition("/")
+        path = self.mirror / name
+        if mode == "missing" or not path.exists():
+            self.send_error(404, "Not Found")
+            return
+        if mode == "redirect":  # to the same server under another host name
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_port}/ok/{name}")
+            self.end_headers()
+            return
+        body = path.read_bytes()
+        length = len(body)
+        if mode == "short":  # promises the whole file, sends half
+            body = body[: length // 2]
+        elif mode == "cut":  # a consistent but truncated file
+            body = body[: length // 2]
+            length = len(body)
+        elif mode == "notgzip":
+            body = gzip.decompress(body)
+            length = len(body)
+        elif mode == "wrongsum":
+            body = gzip.compress(gzip.decompress(body)[:-1] + b"\x01", mtime=0)
+            length = len(body)
+        self.send_response(200)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_mirror(synthetic_mirror: Path) -> Iterator[str]:
+    """Base URL of a local HTTP server; append `ok/`, `missing/`, `short/`, ... ."""
+    handler = type("Handler", (_MirrorHandler,), {"mirror": synthetic_mirror})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def mnist_mirror() -> str:
+    """The real MNIST mirror from MNIST_MIRROR (a folder made absolute, or a URL)."""
+    mirror = os.environ.get("MNIST_MIRROR")
+    if not mirror:
+        pytest.skip("set MNIST_MIRROR (e.g. ../shared/mnist) to run the tests on real MNIST")
+    return str(Path(mirror).resolve()) if Path(mirror).exists() else mirror
+
+
+def write_params(project: Path, overrides: dict) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in overrides.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_cmd(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run a command with this interpreter's bin/ first on PATH (so `python`, `dvc` are ours)."""
+    full_env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    } | env
+    result = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the project (code, params, dvc.yaml) with the tiny params, not yet a repo."""
+    dest = tmp_path / "project"
+    dest.mkdir()
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy(source, dest / name)
+    write_params(dest, TINY)
+    return dest

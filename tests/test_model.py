@@ -1,0 +1,87 @@
+"""Our ResNet-18 against the seed's table and torchvision's resnet18."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from model import normalise, predict_logits, resnet18
+
+
+def test_parameter_count_at_width_64() -> None:
+    assert sum(p.numel() for p in resnet18().parameters()) == 11_172_810
+
+
+def test_output_shape_of_every_layer() -> None:
+    net = resnet18(width=64).eval()
+    shapes = {}
+    for name in ("conv1", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"):
+        getattr(net, name).register_forward_hook(
+            lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:])))
+    with torch.no_grad():
+        net(torch.zeros(2, 1, 32, 32))
+    assert shapes == {
+        "conv1": (64, 32, 32),
+        "layer1": (64, 32, 32),
+        "layer2": (128, 16, 16),
+        "layer3": (256, 8, 8),
+        "layer4": (512, 4, 4),
+        "avgpool": (512, 1, 1),
+        "fc": (10,),
+    }
+
+
+def test_same_parameter_names_and_shapes_as_torchvision_with_the_stem_change() -> None:
+    reference = torchvision.models.resnet18(num_classes=10)
+    reference.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    reference.maxpool = nn.Identity()
+    ours = {k: tuple(v.shape) for k, v in resnet18().state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert ours == theirs
+    # and so the reference's weights load into ours and compute the same function
+    net = resnet18().eval()
+    net.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference.eval()(x))
+
+
+def test_blocks_and_strides() -> None:
+    net = resnet18()
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    for name, stride in (("layer1", 1), ("layer2", 2), ("layer3", 2), ("layer4", 2)):
+        layer = getattr(net, name)
+        assert len(layer) == 2
+        assert layer[0].conv1.stride == (stride, stride) and layer[1].conv1.stride == (1, 1)
+        assert (layer[0].downsample is not None) == (stride != 1)
+
+
+def test_width_scales_every_layer() -> None:
+    net = resnet18(width=8)
+    assert [net.layer1[0].conv1.out_channels, net.layer2[0].conv1.out_channels,
+            net.layer3[0].conv1.out_channels, net.layer4[0].conv1.out_channels] == [8, 16, 32, 64]
+    assert net.fc.in_features == 64
+    with pytest.raises(ValueError, match="width"):
+        resnet18(width=0)
+
+
+def test_torchvision_initialisation() -> None:
+    torch.manual_seed(0)
+    net = resnet18()
+    bn = net.layer3[1].bn2
+    assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    conv = net.layer4[0].conv1  # kaiming normal, fan_out: std = sqrt(2 / (out * 3 * 3))
+    expected = (2 / (conv.out_channels * 9)) ** 0.5
+    assert conv.weight.std().item() == pytest.approx(expected, rel=0.02)
+
+
+def test_predict_logits_batches_agree_with_one_pass() -> None:
+    torch.manual_seed(0)
+    net = resnet18(width=4).eval()
+    images = torch.randint(0, 256, (37, 1, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        whole = net(normalise(images, 0.13, 0.3))
+    torch.testing.assert_close(predict_logits(net, images, 0.13, 0.3, batch_size=8), whole)

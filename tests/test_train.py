@@ -1,0 +1,156 @@
+"""The training loop on tiny synthetic data: augmentation, schedule, learning,
+non-finite losses, checkpoints and exact resume after an interruption."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, synthetic_digits
+
+import train
+from common import PipelineError, load_torch, parse_section, pick_device
+from model import resnet18
+from preprocess import normalisation_stats, resize
+
+CPU = torch.device("cpu")
+
+
+def tiny_params(**changes: object) -> train.TrainParams:
+    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    tiny = {"epochs": 3, "batch_size": 32, "device": "cpu", "lr": 0.05, "warmup_epochs": 0.5}
+    return parse_section(train.TrainParams, defaults | tiny | changes)
+
+
+def tiny_data(n_train: int = 256, n_val: int = 64) -> train.Data:
+    x, y = synthetic_digits(n_train + n_val, seed=5)
+    images, labels = resize(torch.from_numpy(x)), torch.from_numpy(y).long()
+    mean, std = normalisation_stats(images[:n_train])
+    return train.Data(images[:n_train], labels[:n_train], images[n_train:], labels[n_train:],
+                      mean, std)
+
+
+def run_fit(params: train.TrainParams, checkpoint: Path, data: train.Data | None = None,
+            stop_after: int | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    torch.manual_seed(params.seed)
+    net = resnet18(width=4)
+    records = []
+    settings = train.resolve_settings(params, CPU)
+    for record in train.fit(net, data or tiny_data(), params, settings, checkpoint, "run-a"):
+        records.append(record)
+        if record["epoch"] == stop_after:
+            break  # as if interrupted right after this epoch's checkpoint
+    return net, records
+
+
+def test_random_shift_moves_each_image_within_bounds() -> None:
+    images = torch.zeros(64, 1, 32, 32, dtype=torch.uint8)
+    images[:, :, 15, 15] = 255
+    shifted = train.random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    positions = shifted[:, 0].flatten(1).argmax(1)
+    rows, cols = positions // 32, positions % 32
+    assert rows.min() >= 13 and rows.max() <= 17 and cols.min() >= 13 and cols.max() <= 17
+    assert len(set(positions.tolist())) > 10  # each image has its own offset
+    assert torch.all(shifted.flatten(1).sum(1) == 255)  # content moved, not lost
+    assert train.random_shift(images, 0, torch.Generator()) is images
+
+
+def test_batches_cover_a_permutation_with_full_batches_only() -> None:
+    batches = list(train.epoch_batches(10, 3, torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [3, 3, 3]
+    assert len(set(torch.cat(batches).tolist())) == 9
+
+
+def test_lr_warms_up_linearly_then_decays_to_zero() -> None:
+    factors = [train.lr_factor(step, 10, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.001
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert train.lr_factor(55, 10, 100) == pytest.approx(0.5)
+
+
+def test_auto_settings_on_cpu_and_missing_devices() -> None:
+    settings = train.resolve_settings(tiny_params(), CPU)
+    assert (settings.autocast_dtype, settings.channels_last, settings.compile) == (None, True, False)
+    forced = train.resolve_settings(tiny_params(precision="bf16", channels_last=False), CPU)
+    assert forced.autocast_dtype == torch.bfloat16 and not forced.channels_last
+    for name, available in (("cuda", torch.cuda.is_available()),
+                            ("mps", torch.backends.mps.is_available())):
+        if not available:
+            with pytest.raises(PipelineError, match=f"device '{name}' was asked for"):
+                pick_device(name)
+
+
+def test_training_learns(tmp_path: Path) -> None:
+    data = tiny_data()
+    net, records = run_fit(tiny_params(), tmp_path / "ckpt.pt", data)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["train/loss"] < records[0]["train/loss"]
+    assert records[-1]["val/acc"] > 0.5  # chance is 0.1
+    assert all(r["images_per_s"] > 0 and r["epoch_time_s"] > 0 for r in records)
+    assert records[0]["lr"] == pytest.approx(0.05 / 4)  # first step of a 4-step warm-up
+
+
+def test_batch_larger_than_the_data_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="train.batch_size = 512 .* at most the 256"):
+        run_fit(tiny_params(batch_size=512), tmp_path / "ckpt.pt")
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step(tmp_path: Path) -> None:
+    data = dataclasses.replace(tiny_data(), std=0.0)  # normalising divides by zero
+    with pytest.raises(PipelineError, match=r"loss became nan at epoch 1, step 1 of 8"):
+        run_fit(tiny_params(), tmp_path / "ckpt.pt", data)
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_checkpoint_is_complete_and_loads_weights_only(tmp_path: Path) -> None:
+    run_fit(tiny_params(), tmp_path / "ckpt.pt", stop_after=1)
+    state = load_torch(tmp_path / "ckpt.pt")  # weights_only=True
+    assert set(state) == {"run_id", "model", "optimizer", "scheduler", "scaler", "rng", "history"}
+    assert set(state["rng"]) >= {"torch", "data", "python"}
+    assert [r["epoch"] for r in state["history"]] == [1]
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temp left
+
+
+def test_resume_after_interruption_gives_identical_weights(tmp_path: Path) -> None:
+    params = tiny_params()
+    straight, straight_records = run_fit(params, tmp_path / "a.pt")
+    run_fit(params, tmp_path / "b.pt", stop_after=1)
+    resumed, resumed_records = run_fit(params, tmp_path / "b.pt")
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    strip = [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")}
+             for r in (*straight_records, *resumed_records)]
+    assert strip[:3] == strip[3:]
+
+
+def test_checkpoint_of_another_run_is_ignored(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_fit(tiny_params(), tmp_path / "ckpt.pt", stop_after=1)
+    torch.manual_seed(0)
+    records = list(train.fit(resnet18(width=4), tiny_data(), tiny_params(), train.resolve_settings(
+        tiny_params(), CPU), tmp_path / "ckpt.pt", "run-b"))
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert "belongs to another run" in capsys.readouterr().out
+
+
+def test_fingerprint_changes_with_params_and_data(tmp_path: Path) -> None:
+    data = tmp_path / "d.pt"
+    data.write_bytes(b"one")
+    model = train.ModelParams(width=4)
+    base = train.fingerprint(model, tiny_params(), [data])
+    assert base == train.fingerprint(model, tiny_params(), [data])
+    assert base != train.fingerprint(model, tiny_params(lr=0.01), [data])
+    assert base != train.fingerprint(train.ModelParams(width=8), tiny_params(), [data])
+    data.write_bytes(b"two")
+    assert base != train.fingerprint(model, tiny_params(), [data])
+
+
+def test_lr_schedule_reaches_zero_at_the_end(tmp_path: Path) -> None:
+    _, records = run_fit(tiny_params(epochs=2, warmup_epochs=0), tmp_path / "c.pt")
+    assert records[0]["lr"] == pytest.approx(0.05)
+    assert records[1]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 0.5)))
