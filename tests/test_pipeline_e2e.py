@@ -1,0 +1,115 @@
+"""The real `dvc` CLI in a temporary git repository, on real MNIST (from
+MNIST_MIRROR) with the tiny params: what a user does, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cmd, write_params
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["download", "preprocess", "train", "evaluate", "plot"]
+
+
+def ran(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+def lock_hashes(project: Path) -> dict[str, str]:
+    """md5 of every output in dvc.lock, by path."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage["outs"]}
+
+
+def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
+    def dvc(*args: str) -> str:
+        result = run_cmd([sys.executable, "-m", "dvc", *args], cwd=project,
+                         MNIST_MIRROR=mnist_mirror)
+        return result.stdout + result.stderr
+
+    run_cmd(["git", "init", "-q"], cwd=project)
+    dvc("init", "-q")
+    run_cmd(["git", "add", "-A"], cwd=project)
+    run_cmd(["git", "commit", "-qm", "project"], cwd=project)
+
+    # dvc repro runs every stage; a second one runs nothing
+    assert ran(dvc("repro")) == STAGES
+    for path in ("data/raw/train-images-idx3-ubyte", "data/processed/train.pt", "models/model.pt",
+                 "reports/train/metrics.json", "reports/eval/metrics.json",
+                 "reports/eval/per_class.csv", "reports/eval/confusion.csv",
+                 "reports/eval/misclassified.csv", "reports/plots/training_curves.png",
+                 "reports/plots/confusion_matrix.png", "reports/plots/misclassified.png",
+                 "reports/plots/per_class_accuracy.png"):
+        assert (project / path).exists(), path
+    assert not (project / "models/checkpoint.pt").exists()
+    second = dvc("repro")
+    assert ran(second) == [] and "Data and pipelines are up to date" in second
+    test = json.loads((project / "reports/eval/metrics.json").read_text())["test"]
+    assert test["images"] == 200 and 0 <= test["accuracy"] <= 1
+    run_cmd(["git", "add", "-A"], cwd=project)
+    run_cmd(["git", "commit", "-qm", "baseline"], cwd=project)
+
+    # from clean again: byte-identical data, model and test metrics (CPU, same seed)
+    first = lock_hashes(project)
+    assert ran(dvc("repro", "--force")) == STAGES
+    again = lock_hashes(project)
+    for path in ("data/raw", "data/processed", "models/model.pt", "reports/eval"):
+        assert again[path] == first[path], path
+    run_cmd(["git", "checkout", "--", "."], cwd=project)  # the baseline's timing figures
+
+    # an experiment on a train param reruns train and its descendants only
+    exp = dvc("exp", "run", "-S", "train.lr=0.01", "-n", "low-lr")
+    assert ran(exp) == ["train", "evaluate", "plot"]
+    shown = dvc("exp", "show", "--csv")
+    assert "low-lr" in shown and "0.01" in shown
+    header = shown.splitlines()[0]
+    for column in ("test.accuracy", "test.loss", "val.acc", "train_time_s", "train_images_per_s",
+                   "train.lr"):
+        assert column in header, column
+    metrics = dvc("metrics", "diff", "--all")
+    assert "test.accuracy" in metrics and "test.loss" in metrics and "val.acc" in metrics
+    assert "train.lr" in dvc("params", "diff") and "0.01" in dvc("params", "diff")
+
+    # plots: the curves, the confusion matrix and the images, for one run or compared
+    dvc("plots", "show", "-o", "plots_show")
+    page = (project / "plots_show/index.html").read_text()
+    for text in ("Loss per epoch", "Accuracy per epoch", "Confusion matrix", "confusion_matrix.png",
+                 "misclassified.png", "per_class_accuracy.png", "training_curves.png"):
+        assert text in page, text
+    dvc("plots", "diff", "HEAD", "low-lr", "-o", "plots_diff")
+    assert "low-lr" in (project / "plots_diff/index.html").read_text()
+
+
+def test_interrupted_training_resumes_from_its_last_epoch(project: Path, mnist_mirror: str) -> None:
+    write_params(project, {"preprocess": {"train_limit": 2000},
+                           "train": {"epochs": 4, "batch_size": 100}})
+    env = {"MNIST_MIRROR": mnist_mirror}
+    run_cmd([sys.executable, "src/download.py"], cwd=project, **env)
+    run_cmd([sys.executable, "src/preprocess.py"], cwd=project, **env)
+    checkpoint = project / "models/checkpoint.pt"
+    process = subprocess.Popen([sys.executable, "src/train.py"], cwd=project,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, out + err
+    assert "interrupted" in err
+    assert checkpoint.exists() and not (project / "models/model.pt").exists()
+
+    resumed = run_cmd([sys.executable, "src/train.py"], cwd=project)
+    assert "resuming from models/checkpoint.pt after epoch" in resumed.stdout
+    assert (project / "models/model.pt").exists() and not checkpoint.exists()
+    loss = (project / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in loss[1:]] == ["1", "2", "3", "4"]
