@@ -99,7 +99,8 @@ def fetch(source: str, filename: str, timeout_s: float) -> bytes:
         except urllib.error.HTTPError as error:
             raise MirrorError(f"HTTP {error.code} {error.reason}") from None
         except http.client.IncompleteRead as error:
-            raise MirrorError(f"truncated: got {len(error.partial)} bytes, then the connection closed") from None
+            got = len(error.partial)
+            raise MirrorError(f"truncated: got {got} bytes, then the connection closed") from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
             reason = getattr(error, "reason", error)
             raise MirrorError(f"unreachable ({reason})") from None

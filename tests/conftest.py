@@ -83,7 +83,7 @@ class _MirrorHandler(http.server.BaseHTTPRequestHandler):
 
     mirror: Path
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         mode, _, name = self.path.strip("/").partition("/")
         path = self.mirror / name
         if mode == "missing" or not path.exists():
@@ -144,17 +144,26 @@ def write_params(project: Path, overrides: dict) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_cmd(args: list[str], cwd: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+def run_cmd(
+    args: list[str], cwd: Path, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
     """Run a command with this interpreter's bin/ first on PATH (so `python`, `dvc` are ours)."""
-    full_env = os.environ | {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-    } | env
+    full_env = (
+        os.environ
+        | {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "test",
+            "GIT_AUTHOR_EMAIL": "test@example.com",
+            "GIT_COMMITTER_NAME": "test",
+            "GIT_COMMITTER_EMAIL": "test@example.com",
+        }
+        | env
+    )
     result = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        output = f"{result.stdout}\n{result.stderr}"
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{output}")
     return result
 
 

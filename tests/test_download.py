@@ -33,8 +33,9 @@ def test_file_url_mirror(tmp_path: Path, synthetic_mirror: Path, synthetic_check
     assert sorted(p.name for p in out.iterdir()) == sorted(synthetic_checksums)
 
 
-def test_http_mirror(tmp_path: Path, http_mirror: str, synthetic_files: dict,
-                     synthetic_checksums: dict) -> None:
+def test_http_mirror(
+    tmp_path: Path, http_mirror: str, synthetic_files: dict, synthetic_checksums: dict
+) -> None:
     out = tmp_path / "raw"
     download.download_all([http_mirror + "ok/"], out, 5, synthetic_checksums)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == synthetic_files
@@ -52,8 +53,14 @@ def test_http_mirror(tmp_path: Path, http_mirror: str, synthetic_files: dict,
     ],
 )
 def test_bad_mirror_is_skipped_with_a_warning(
-    tmp_path: Path, http_mirror: str, synthetic_mirror: Path, synthetic_files: dict,
-    synthetic_checksums: dict, capsys: pytest.CaptureFixture, mode: str, reason: str,
+    tmp_path: Path,
+    http_mirror: str,
+    synthetic_mirror: Path,
+    synthetic_files: dict,
+    synthetic_checksums: dict,
+    capsys: pytest.CaptureFixture,
+    mode: str,
+    reason: str,
 ) -> None:
     bad = http_mirror + mode + "/"
     out = tmp_path / "raw"
@@ -68,15 +75,23 @@ def test_all_mirrors_failing_lists_each_and_writes_nothing(
     tmp_path: Path, http_mirror: str, synthetic_checksums: dict
 ) -> None:
     unreachable = f"http://127.0.0.1:{closed_port()}/mnist/"
-    mirrors = [unreachable, http_mirror + "missing/", http_mirror + "wrongsum/",
-               str(tmp_path / "no-such-folder"), "ftp://example.invalid/"]
+    mirrors = [
+        unreachable,
+        http_mirror + "missing/",
+        http_mirror + "wrongsum/",
+        str(tmp_path / "no-such-folder"),
+        "ftp://example.invalid/",
+    ]
     out = tmp_path / "raw"
     with pytest.raises(PipelineError) as error:
         download.download_all(mirrors, out, 5, synthetic_checksums)
     message = str(error.value)
     assert "every mirror failed for train-images-idx3-ubyte.gz" in message
-    for mirror, reason in zip(mirrors, ["unreachable", "HTTP 404", "wrong SHA-256",
-                                        "cannot read", "unsupported URL scheme"], strict=True):
+    for mirror, reason in zip(
+        mirrors,
+        ["unreachable", "HTTP 404", "wrong SHA-256", "cannot read", "unsupported URL scheme"],
+        strict=True,
+    ):
         assert f"{mirror}: {reason}" in message
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [tmp_path / "mirror"]  # no temp folder left behind
@@ -112,4 +127,6 @@ def test_default_mirrors_are_torchvisions() -> None:
 
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     assert params["data"]["mirrors"] == [
-        "https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "http://yann.lecun.com/exdb/mnist/",
+    ]

@@ -30,8 +30,10 @@ def test_evaluate_outputs() -> None:
     test = results["metrics"]["test"]
     assert test["accuracy"] == 0.75 and test["errors"] == 1 and test["images"] == 4
     assert test["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
-    assert results["confusion"].to_dict("list") == {"actual": [3, 7, 7, 1],
-                                                    "predicted": [3, 7, 1, 1]}
+    assert results["confusion"].to_dict("list") == {
+        "actual": [3, 7, 7, 1],
+        "predicted": [3, 7, 1, 1],
+    }
     wrong = results["misclassified"].iloc[0]
     assert (wrong["index"], wrong["actual"], wrong["predicted"]) == (2, 7, 1)
     assert wrong["confidence"] == pytest.approx(logits[2].softmax(0)[1].item())

@@ -19,7 +19,8 @@ def test_output_shape_of_every_layer() -> None:
     shapes = {}
     for name in ("conv1", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"):
         getattr(net, name).register_forward_hook(
-            lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:])))
+            lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:]))
+        )
     with torch.no_grad():
         net(torch.zeros(2, 1, 32, 32))
     assert shapes == {
@@ -61,8 +62,12 @@ def test_blocks_and_strides() -> None:
 
 def test_width_scales_every_layer() -> None:
     net = resnet18(width=8)
-    assert [net.layer1[0].conv1.out_channels, net.layer2[0].conv1.out_channels,
-            net.layer3[0].conv1.out_channels, net.layer4[0].conv1.out_channels] == [8, 16, 32, 64]
+    assert [
+        net.layer1[0].conv1.out_channels,
+        net.layer2[0].conv1.out_channels,
+        net.layer3[0].conv1.out_channels,
+        net.layer4[0].conv1.out_channels,
+    ] == [8, 16, 32, 64]
     assert net.fc.in_features == 64
     with pytest.raises(ValueError, match="width"):
         resnet18(width=0)

@@ -32,8 +32,9 @@ def lock_hashes(project: Path) -> dict[str, str]:
 
 def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
     def dvc(*args: str) -> str:
-        result = run_cmd([sys.executable, "-m", "dvc", *args], cwd=project,
-                         MNIST_MIRROR=mnist_mirror)
+        result = run_cmd(
+            [sys.executable, "-m", "dvc", *args], cwd=project, MNIST_MIRROR=mnist_mirror
+        )
         return result.stdout + result.stderr
 
     run_cmd(["git", "init", "-q"], cwd=project)
@@ -43,12 +44,20 @@ def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
 
     # dvc repro runs every stage; a second one runs nothing
     assert ran(dvc("repro")) == STAGES
-    for path in ("data/raw/train-images-idx3-ubyte", "data/processed/train.pt", "models/model.pt",
-                 "reports/train/metrics.json", "reports/eval/metrics.json",
-                 "reports/eval/per_class.csv", "reports/eval/confusion.csv",
-                 "reports/eval/misclassified.csv", "reports/plots/training_curves.png",
-                 "reports/plots/confusion_matrix.png", "reports/plots/misclassified.png",
-                 "reports/plots/per_class_accuracy.png"):
+    for path in (
+        "data/raw/train-images-idx3-ubyte",
+        "data/processed/train.pt",
+        "models/model.pt",
+        "reports/train/metrics.json",
+        "reports/eval/metrics.json",
+        "reports/eval/per_class.csv",
+        "reports/eval/confusion.csv",
+        "reports/eval/misclassified.csv",
+        "reports/plots/training_curves.png",
+        "reports/plots/confusion_matrix.png",
+        "reports/plots/misclassified.png",
+        "reports/plots/per_class_accuracy.png",
+    ):
         assert (project / path).exists(), path
     assert not (project / "models/checkpoint.pt").exists()
     second = dvc("repro")
@@ -72,8 +81,14 @@ def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
     shown = dvc("exp", "show", "--csv")
     assert "low-lr" in shown and "0.01" in shown
     header = shown.splitlines()[0]
-    for column in ("test.accuracy", "test.loss", "val.acc", "train_time_s", "train_images_per_s",
-                   "train.lr"):
+    for column in (
+        "test.accuracy",
+        "test.loss",
+        "val.acc",
+        "train_time_s",
+        "train_images_per_s",
+        "train.lr",
+    ):
         assert column in header, column
     metrics = dvc("metrics", "diff", "--all")
     assert "test.accuracy" in metrics and "test.loss" in metrics and "val.acc" in metrics
@@ -82,23 +97,36 @@ def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
     # plots: the curves, the confusion matrix and the images, for one run or compared
     dvc("plots", "show", "-o", "plots_show")
     page = (project / "plots_show/index.html").read_text()
-    for text in ("Loss per epoch", "Accuracy per epoch", "Confusion matrix", "confusion_matrix.png",
-                 "misclassified.png", "per_class_accuracy.png", "training_curves.png"):
+    for text in (
+        "Loss per epoch",
+        "Accuracy per epoch",
+        "Confusion matrix",
+        "confusion_matrix.png",
+        "misclassified.png",
+        "per_class_accuracy.png",
+        "training_curves.png",
+    ):
         assert text in page, text
     dvc("plots", "diff", "HEAD", "low-lr", "-o", "plots_diff")
     assert "low-lr" in (project / "plots_diff/index.html").read_text()
 
 
 def test_interrupted_training_resumes_from_its_last_epoch(project: Path, mnist_mirror: str) -> None:
-    write_params(project, {"preprocess": {"train_limit": 2000},
-                           "train": {"epochs": 4, "batch_size": 100}})
+    write_params(
+        project, {"preprocess": {"train_limit": 2000}, "train": {"epochs": 4, "batch_size": 100}}
+    )
     env = {"MNIST_MIRROR": mnist_mirror}
     run_cmd([sys.executable, "src/download.py"], cwd=project, **env)
     run_cmd([sys.executable, "src/preprocess.py"], cwd=project, **env)
     checkpoint = project / "models/checkpoint.pt"
-    process = subprocess.Popen([sys.executable, "src/train.py"], cwd=project,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "src/train.py"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

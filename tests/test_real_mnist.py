@@ -30,10 +30,12 @@ def test_checksums_of_downloaded_files(raw_dir: Path) -> None:
 
 
 def test_counts_per_class_and_pixel_statistics(raw_dir: Path) -> None:
-    train_x, train_y = preprocess.read_split(raw_dir / RAW_FILES["train_images"],
-                                             raw_dir / RAW_FILES["train_labels"])
-    test_x, test_y = preprocess.read_split(raw_dir / RAW_FILES["test_images"],
-                                           raw_dir / RAW_FILES["test_labels"])
+    train_x, train_y = preprocess.read_split(
+        raw_dir / RAW_FILES["train_images"], raw_dir / RAW_FILES["train_labels"]
+    )
+    test_x, test_y = preprocess.read_split(
+        raw_dir / RAW_FILES["test_images"], raw_dir / RAW_FILES["test_labels"]
+    )
     assert train_x.shape == (60000, 28, 28) and test_x.shape == (10000, 28, 28)
     assert torch.bincount(train_y).tolist() == TRAIN_COUNTS
     assert torch.bincount(test_y).tolist() == TEST_COUNTS
@@ -42,10 +44,12 @@ def test_counts_per_class_and_pixel_statistics(raw_dir: Path) -> None:
 
 
 def test_default_split_is_stratified(raw_dir: Path) -> None:
-    train = preprocess.read_split(raw_dir / RAW_FILES["train_images"],
-                                  raw_dir / RAW_FILES["train_labels"])
-    test = preprocess.read_split(raw_dir / RAW_FILES["test_images"],
-                                 raw_dir / RAW_FILES["test_labels"])
+    train = preprocess.read_split(
+        raw_dir / RAW_FILES["train_images"], raw_dir / RAW_FILES["train_labels"]
+    )
+    test = preprocess.read_split(
+        raw_dir / RAW_FILES["test_images"], raw_dir / RAW_FILES["test_labels"]
+    )
     splits = preprocess.make_splits(train, test, PreprocessParams(5000, 0, 0, seed=0))
     val_counts = torch.bincount(splits["val"]["labels"]).tolist()
     assert sum(val_counts) == 5000 and len(splits["train"]["labels"]) == 55000

@@ -4,6 +4,7 @@ non-finite losses, checkpoints and exact resume after an interruption."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from pathlib import Path
 
@@ -30,12 +31,17 @@ def tiny_data(n_train: int = 256, n_val: int = 64) -> train.Data:
     x, y = synthetic_digits(n_train + n_val, seed=5)
     images, labels = resize(torch.from_numpy(x)), torch.from_numpy(y).long()
     mean, std = normalisation_stats(images[:n_train])
-    return train.Data(images[:n_train], labels[:n_train], images[n_train:], labels[n_train:],
-                      mean, std)
+    return train.Data(
+        images[:n_train], labels[:n_train], images[n_train:], labels[n_train:], mean, std
+    )
 
 
-def run_fit(params: train.TrainParams, checkpoint: Path, data: train.Data | None = None,
-            stop_after: int | None = None) -> tuple[torch.nn.Module, list[dict]]:
+def run_fit(
+    params: train.TrainParams,
+    checkpoint: Path,
+    data: train.Data | None = None,
+    stop_after: int | None = None,
+) -> tuple[torch.nn.Module, list[dict]]:
     torch.manual_seed(params.seed)
     net = resnet18(width=4)
     records = []
@@ -70,17 +76,25 @@ def test_lr_warms_up_linearly_then_decays_to_zero() -> None:
     factors = [train.lr_factor(step, 10, 100) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.001
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert train.lr_factor(55, 10, 100) == pytest.approx(0.5)
 
 
 def test_auto_settings_on_cpu_and_missing_devices() -> None:
     settings = train.resolve_settings(tiny_params(), CPU)
-    assert (settings.autocast_dtype, settings.channels_last, settings.compile) == (None, True, False)
+    expected = torch.bfloat16 if train.cpu_has_amx() else None
+    assert (settings.autocast_dtype, settings.channels_last, settings.compile) == (
+        expected,
+        True,
+        False,
+    )
     forced = train.resolve_settings(tiny_params(precision="bf16", channels_last=False), CPU)
     assert forced.autocast_dtype == torch.bfloat16 and not forced.channels_last
-    for name, available in (("cuda", torch.cuda.is_available()),
-                            ("mps", torch.backends.mps.is_available())):
+    assert train.resolve_settings(tiny_params(precision="fp32"), CPU).autocast_dtype is None
+    for name, available in (
+        ("cuda", torch.cuda.is_available()),
+        ("mps", torch.backends.mps.is_available()),
+    ):
         if not available:
             with pytest.raises(PipelineError, match=f"device '{name}' was asked for"):
                 pick_device(name)
@@ -88,7 +102,7 @@ def test_auto_settings_on_cpu_and_missing_devices() -> None:
 
 def test_training_learns(tmp_path: Path) -> None:
     data = tiny_data()
-    net, records = run_fit(tiny_params(), tmp_path / "ckpt.pt", data)
+    _, records = run_fit(tiny_params(), tmp_path / "ckpt.pt", data)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[-1]["train/loss"] < records[0]["train/loss"]
     assert records[-1]["val/acc"] > 0.5  # chance is 0.1
@@ -124,16 +138,28 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path: Path) -> No
     resumed, resumed_records = run_fit(params, tmp_path / "b.pt")
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
-    strip = [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")}
-             for r in (*straight_records, *resumed_records)]
+    strip = [
+        {k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")}
+        for r in (*straight_records, *resumed_records)
+    ]
     assert strip[:3] == strip[3:]
 
 
-def test_checkpoint_of_another_run_is_ignored(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_checkpoint_of_another_run_is_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     run_fit(tiny_params(), tmp_path / "ckpt.pt", stop_after=1)
     torch.manual_seed(0)
-    records = list(train.fit(resnet18(width=4), tiny_data(), tiny_params(), train.resolve_settings(
-        tiny_params(), CPU), tmp_path / "ckpt.pt", "run-b"))
+    records = list(
+        train.fit(
+            resnet18(width=4),
+            tiny_data(),
+            tiny_params(),
+            train.resolve_settings(tiny_params(), CPU),
+            tmp_path / "ckpt.pt",
+            "run-b",
+        )
+    )
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert "belongs to another run" in capsys.readouterr().out
 

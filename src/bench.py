@@ -1,0 +1,364 @@
+"""Benchmark: our train step against the seed-style loop and the model-only ceiling.
+
+On one device, in one run, measures training images/s for
+  ours        the train stage's own loop (`train.fit`): data on the device, uint8,
+              shifted and normalised there in whole batches, mixed precision etc.
+              as `auto` resolves them, the real optimiser and schedule;
+  seed-style  torchvision's `MNIST` dataset with per-image Resize(32)/ToTensor/
+              Normalize through a DataLoader, fp32, eager: the seed README's loop;
+  ceiling     forward+backward+step on one fixed batch already on the device,
+              with the same settings as ours (no data path at all);
+then each option of `--ablate` flipped from what `auto` chose, evaluation
+images/s, achieved TFLOP/s (and the fraction of the GPU's peak), peak memory,
+and the hardware. Prints a table, then one JSON line.
+
+    python src/bench.py                               # this machine's best device
+    python src/bench.py --device cpu --width 16 --steps 5
+
+Inputs: `paths.processed`/{train,val}.pt and `paths.raw`/ (run `dvc repro preprocess`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+from common import PipelineError, load_params, load_paths, pick_device, run
+from model import normalise, predict_logits, resnet18
+
+# Dense peak TFLOP/s by GPU name, for the precision used (vendor data sheets; SXM parts).
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak device memory on CUDA; elsewhere the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def training_flops_per_image(width: int) -> float:
+    """FLOPs of forward + backward for one 32x32 image (torch's FLOP counter)."""
+    net = resnet18(width=width)
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 1, 32, 32)).sum().backward()
+    return float(counter.get_total_flops())
+
+
+def timed_steps(step, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` calls of step() after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bench_ours(data: train.Data, p: train.TrainParams, width: int, steps: int) -> float:
+    """Images/s of the train stage's loop: a 2-epoch `fit` of `steps` steps each; the
+    first epoch warms up (compilation, cuDNN autotuning), the second is timed."""
+    n = steps * p.batch_size
+    subset = dataclasses.replace(
+        data,
+        train_x=data.train_x[:n],
+        train_y=data.train_y[:n],
+        val_x=data.val_x[: p.eval_batch_size],
+        val_y=data.val_y[: p.eval_batch_size],
+    )
+    settings = train.resolve_settings(p, data.train_x.device)
+    torch.manual_seed(p.seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        records = list(
+            train.fit(
+                resnet18(width=width), subset, p, settings, Path(scratch) / "none.pt", "bench"
+            )
+        )
+    return records[-1]["images_per_s"]
+
+
+def bench_ceiling(
+    data: train.Data, p: train.TrainParams, width: int, warmup: int, steps: int
+) -> float:
+    """Images/s of forward+backward+step on one fixed batch, settings as ours."""
+    s = train.resolve_settings(p, data.train_x.device)
+    memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
+    net = resnet18(width=width).to(s.device, memory_format=memory_format).train()
+    forward = torch.compile(net) if s.compile else net
+    optimizer = train.make_optimizer(net, p, s.device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    x = normalise(data.train_x[: p.batch_size], data.mean, data.std)
+    x = x.contiguous(memory_format=memory_format)
+    y = data.train_y[: p.batch_size]
+
+    def step() -> None:
+        with torch.autocast(
+            s.device.type, dtype=s.autocast_dtype, enabled=s.autocast_dtype is not None
+        ):
+            loss = loss_fn(forward(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return steps * p.batch_size / timed_steps(step, warmup, steps, s.device)
+
+
+def bench_seed_style(
+    raw: Path,
+    device: torch.device,
+    width: int,
+    batch_size: int,
+    workers: int,
+    warmup: int,
+    steps: int,
+) -> float:
+    """Images/s of the seed's loop: torchvision MNIST + per-image transforms + DataLoader."""
+    from torchvision import datasets, transforms
+
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "MNIST" / "raw"  # the layout torchvision's MNIST expects
+        folder.mkdir(parents=True)
+        for name in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ):
+            (folder / name).symlink_to((raw / name).resolve())
+        transform = transforms.Compose(
+            [
+                transforms.Resize(32),
+                transforms.ToTensor(),
+                transforms.Normalize((0.1307,), (0.3081,)),
+            ]
+        )
+        dataset = datasets.MNIST(root, train=True, download=False, transform=transform)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+        )
+        net = resnet18(width=width).to(device).train()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        loss_fn = nn.CrossEntropyLoss()
+        batches = iter(loader)
+
+        def step() -> None:
+            x, y = next(batches)
+            x, y = x.to(device), y.to(device)
+            loss = loss_fn(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        return steps * batch_size / timed_steps(step, warmup, steps, device)
+
+
+def bench_eval(data: train.Data, p: train.TrainParams, width: int, images: int) -> float:
+    s = train.resolve_settings(p, data.train_x.device)
+    memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
+    net = resnet18(width=width).to(s.device, memory_format=memory_format)
+    forward = torch.compile(net) if s.compile else net
+    x = data.val_x[:images]
+
+    def step() -> None:
+        predict_logits(
+            forward, x, data.mean, data.std, p.eval_batch_size, s.autocast_dtype, memory_format
+        )
+
+    return len(x) / timed_steps(step, 1, 1, s.device)
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        for line in (
+            Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+        ):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+        return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return device.type
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--width", type=int, default=64, help="model width (64 = ResNet-18)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per step (default: train.batch_size; 64 on CPU)",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument(
+        "--seed-workers", type=int, default=2, help="DataLoader workers of the seed-style loop"
+    )
+    parser.add_argument(
+        "--ablate",
+        default=None,
+        help="options to flip from auto, comma-separated, of precision, "
+        "channels_last, compile (default: all on CUDA, channels_last "
+        "elsewhere; '' for none)",
+    )
+    args = parser.parse_args()
+    for name in ("width", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def flipped(p: train.TrainParams, s: train.Settings, option: str) -> tuple[str, train.TrainParams]:
+    """`p` with `option` set opposite to what auto chose, and a label for it."""
+    if option == "precision":
+        other = "fp32" if s.autocast_dtype is not None else "bf16"
+        return f"precision {other}", dataclasses.replace(p, precision=other)
+    if option in ("channels_last", "compile"):
+        value = not getattr(s, option)
+        return f"{option} {value}", dataclasses.replace(p, **{option: value})
+    raise PipelineError(f"--ablate: unknown option '{option}' (precision, channels_last, compile)")
+
+
+def main() -> None:
+    args = parse_args()
+    paths = load_paths()
+    device = pick_device(args.device)
+    batch = args.batch_size or (
+        64 if device.type == "cpu" else load_params(train.TrainParams).batch_size
+    )
+    p = dataclasses.replace(
+        load_params(train.TrainParams),
+        batch_size=batch,
+        epochs=2,
+        warmup_epochs=1,
+        checkpoint_every=0,
+        device=device.type,
+    )
+    data = train.load_data(Path(paths.processed), device)
+    if len(data.train_y) < args.steps * batch:
+        raise PipelineError(
+            f"{args.steps} steps of {batch} need {args.steps * batch} training "
+            f"images; {paths.processed} has {len(data.train_y)}"
+        )
+    settings = train.resolve_settings(p, device)
+    ablate = (
+        args.ablate
+        if args.ablate is not None
+        else ("precision,channels_last,compile" if device.type == "cuda" else "channels_last")
+    )
+    flops = training_flops_per_image(args.width)
+
+    results: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    measurements = [
+        ("ours", lambda: bench_ours(data, p, args.width, args.steps)),
+        (
+            "seed-style",
+            lambda: bench_seed_style(
+                Path(paths.raw),
+                device,
+                args.width,
+                batch,
+                args.seed_workers,
+                args.warmup,
+                args.steps,
+            ),
+        ),
+        ("ceiling", lambda: bench_ceiling(data, p, args.width, args.warmup, args.steps)),
+    ]
+    for option in filter(None, ablate.split(",")):
+        label, variant = flipped(p, settings, option.strip())
+        measurements.append(
+            (f"ours, {label}", lambda v=variant: bench_ours(data, v, args.width, args.steps))
+        )
+    measurements.append(
+        (
+            "eval",
+            lambda: bench_eval(data, p, args.width, min(len(data.val_y), 2 * args.steps * batch)),
+        )
+    )
+    for name, measure in measurements:
+        reset_peak_memory(device)
+        results[name] = measure()
+        memory[name] = peak_memory_mib(device)
+
+    precision = (
+        "fp32"
+        if settings.autocast_dtype is None
+        else str(settings.autocast_dtype)
+        .removeprefix("torch.")
+        .replace("bfloat16", "bf16")
+        .replace("float16", "fp16")
+    )
+    name = hardware(device)
+    peak = next((v[precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
+    tflops = results["ours"] * flops / 1e12
+    summary = {
+        "hardware": name,
+        "device": device.type,
+        "torch": torch.__version__,
+        "width": args.width,
+        "batch_size": batch,
+        "steps": args.steps,
+        "settings": settings.describe(),
+        "seed_workers": args.seed_workers,
+        "images_per_s": {k: round(v, 2) for k, v in results.items()},
+        "ours_over_seed_style": round(results["ours"] / results["seed-style"], 3),
+        "ours_over_ceiling": round(results["ours"] / results["ceiling"], 3),
+        "train_gflop_per_image": round(flops / 1e9, 3),
+        "ours_tflops": round(tflops, 4),
+        "fraction_of_peak": round(tflops / peak, 4) if peak else None,
+        "peak_memory_mib": {k: round(v, 1) for k, v in memory.items()},
+    }
+    print(
+        f"{name}; torch {torch.__version__}; width {args.width}, batch {batch}, "
+        f"{args.steps} timed steps; {settings.describe()}"
+    )
+    print(f"{'measurement':<32}{'images/s':>12}{'vs ours':>10}{'peak MiB':>10}")
+    for key, value in results.items():
+        print(f"{key:<32}{value:>12.1f}{value / results['ours']:>10.3f}{memory[key]:>10.0f}")
+    print(
+        f"ours/seed-style {summary['ours_over_seed_style']:.3f}, ours/ceiling "
+        f"{summary['ours_over_ceiling']:.3f}; {flops / 1e9:.3f} GFLOP per training image, "
+        f"{tflops:.4f} TFLOP/s" + (f" = {tflops / peak:.1%} of {peak:.0f} peak" if peak else "")
+    )
+    print(json.dumps({"bench": summary}))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,77 @@
+"""The benchmark runs end to end on CPU at a tiny width and prints every figure
+(no timing assertions: machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from conftest import run_cmd, write_params
+
+
+def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None:
+    raw = project / "data/raw"
+    raw.mkdir(parents=True)
+    for name, data in synthetic_files.items():
+        (raw / name).write_bytes(data)
+    write_params(project, {"preprocess": {"train_limit": 0, "test_limit": 0}})
+    run_cmd([sys.executable, "src/preprocess.py"], cwd=project)
+    result = run_cmd(
+        [
+            sys.executable,
+            "src/bench.py",
+            "--device",
+            "cpu",
+            "--width",
+            "2",
+            "--batch-size",
+            "16",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--seed-workers",
+            "0",
+            "--ablate",
+            "channels_last,precision",
+        ],
+        cwd=project,
+    )
+    lines = result.stdout.strip().splitlines()
+    table = "\n".join(lines[:-1])
+    for row in (
+        "ours ",
+        "seed-style",
+        "ceiling",
+        "ours, channels_last False",
+        "ours, precision bf16",
+        "eval",
+        "ours/seed-style",
+        "ours/ceiling",
+        "GFLOP per training image",
+        "TFLOP/s",
+        "torch 2.",
+    ):
+        assert row in table, row
+    summary = json.loads(lines[-1])["bench"]
+    assert set(summary["images_per_s"]) == {
+        "ours",
+        "seed-style",
+        "ceiling",
+        "eval",
+        "ours, channels_last False",
+        "ours, precision bf16",
+    }
+    assert all(v > 0 for v in summary["images_per_s"].values())
+    assert summary["ours_over_seed_style"] > 0 and summary["ours_over_ceiling"] > 0
+    assert summary["train_gflop_per_image"] > 0 and summary["device"] == "cpu"
+    assert summary["fraction_of_peak"] is None  # no GPU peak for a CPU
+    assert set(summary["peak_memory_mib"]) == set(summary["images_per_s"])
+
+
+def test_flop_count_of_resnet18() -> None:
+    import bench
+
+    # about 3.3 GFLOP per training image at width 64 (forward ~1.1, backward ~2x that)
+    assert 3.0e9 < bench.training_flops_per_image(64) < 3.6e9

@@ -1,0 +1,83 @@
+"""Atomic writes, safe loading, and how a stage reports errors."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, write_params
+
+import common
+import train
+from common import PipelineError, atomic_path, load_torch, save_torch
+
+
+class Payload:
+    def __reduce__(self) -> tuple:
+        return (print, ("this must never run",))
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    common.write_json({"a": 1}, target)
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half-writ")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp left
+
+
+def test_atomic_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "processed"
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "old").write_text("1")
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("2")
+    assert [p.name for p in folder.iterdir()] == ["new"]
+
+
+def test_load_torch_is_weights_only(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"x": Payload()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        load_torch(path)
+    save_torch({"w": torch.ones(2), "meta": {"epoch": 3}}, tmp_path / "ok.pt")
+    assert load_torch(tmp_path / "ok.pt")["meta"] == {"epoch": 3}
+    with pytest.raises(PipelineError, match="missing.pt not found"):
+        load_torch(tmp_path / "missing.pt")
+
+
+def test_out_of_memory_suggests_a_smaller_batch(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    processed = project / "data/processed"
+    processed.mkdir(parents=True)
+    for split in ("train", "val"):
+        torch.save(
+            {
+                "images": torch.zeros(8, 1, 32, 32, dtype=torch.uint8),
+                "labels": torch.zeros(8, dtype=torch.long),
+            },
+            processed / f"{split}.pt",
+        )
+    (processed / "stats.json").write_text('{"mean": 0.1, "std": 0.3}')
+    write_params(project, TINY)
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(train, "fit", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        common.run(train.main)
+    assert exit_info.value.code == 1
+    assert (
+        "error: out of memory on cpu with train.batch_size = 50: try a smaller train.batch_size"
+    ) in capsys.readouterr().err
+    assert not (project / "models/model.pt").exists()
