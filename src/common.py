@@ -50,7 +50,13 @@ class PipelineError(Exception):
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise a PipelineError naming the key, its value and what is allowed, unless ok."""
     if not ok:
-        raise PipelineError(f"{PARAMS_FILE}: {key} = {value!r} is not allowed: {allowed}")
+        shown = list(value) if isinstance(value, tuple) else value
+        raise PipelineError(f"{PARAMS_FILE}: {key} = {shown!r} is not allowed: {allowed}")
+
+
+def check(params: Any, name: str, ok: bool, allowed: str) -> None:
+    """require() for field `name` of a params dataclass: `section.name = value`."""
+    require(ok, f"{params.SECTION}.{name}", getattr(params, name), allowed)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from common import RAW_FILES, PipelineError, atomic_path, load_params, load_paths, require, run
+from common import RAW_FILES, PipelineError, atomic_path, check, load_params, load_paths, run
 
 # SHA-256 of the decompressed files of the original MNIST database.
 SHA256 = {
@@ -51,8 +51,8 @@ class DataParams:
     timeout_s: float
 
     def __post_init__(self) -> None:
-        require(len(self.mirrors) > 0, "data.mirrors", list(self.mirrors), "at least one URL")
-        require(self.timeout_s > 0, "data.timeout_s", self.timeout_s, "a number > 0 (seconds)")
+        check(self, "mirrors", len(self.mirrors) > 0, "at least one URL")
+        check(self, "timeout_s", self.timeout_s > 0, "a number > 0 (seconds)")
 
 
 class MirrorError(Exception):

@@ -23,11 +23,11 @@ from torch import Tensor
 from common import (
     Device,
     atomic_path,
+    check,
     load_params,
     load_paths,
     load_torch,
     pick_device,
-    require,
     run,
 )
 from model import predict_logits, resnet18
@@ -42,7 +42,7 @@ class EvaluateParams:
     device: Device
 
     def __post_init__(self) -> None:
-        require(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+        check(self, "batch_size", self.batch_size >= 1, "an integer >= 1")
 
 
 def per_class_table(labels: Tensor, predictions: Tensor) -> pd.DataFrame:

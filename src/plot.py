@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from common import PipelineError, atomic_path, load_params, load_paths, load_torch, require, run
+from common import PipelineError, atomic_path, check, load_params, load_paths, load_torch, run
 
 NUM_CLASSES = 10
 
@@ -34,13 +34,8 @@ class PlotParams:
     dpi: int
 
     def __post_init__(self) -> None:
-        require(
-            1 <= self.max_misclassified <= 100,
-            "plot.max_misclassified",
-            self.max_misclassified,
-            "an integer in 1..100",
-        )
-        require(50 <= self.dpi <= 600, "plot.dpi", self.dpi, "an integer in 50..600")
+        check(self, "max_misclassified", 1 <= self.max_misclassified <= 100, "an integer in 1..100")
+        check(self, "dpi", 50 <= self.dpi <= 600, "an integer in 50..600")
 
 
 def read_history(metrics_dir: Path) -> pd.DataFrame:

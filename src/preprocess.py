@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common import RAW_FILES, PipelineError, atomic_path, load_params, load_paths, require, run
+from common import RAW_FILES, PipelineError, atomic_path, check, load_params, load_paths, run
 
 IMAGE_SIZE = 32  # the model's input: 28x28 digits upsampled so 4 stride-2 stages end at 4x4
 NUM_CLASSES = 10
@@ -40,18 +40,18 @@ class PreprocessParams:
     seed: int
 
     def __post_init__(self) -> None:
-        require(
+        check(
+            self,
+            "val_size",
             self.val_size >= NUM_CLASSES,
-            "preprocess.val_size",
-            self.val_size,
             f"an integer >= {NUM_CLASSES} (one image per class)",
         )
         for key in ("train_limit", "test_limit"):
             value = getattr(self, key)
-            require(
+            check(
+                self,
+                key,
                 value == 0 or value >= NUM_CLASSES,
-                f"preprocess.{key}",
-                value,
                 f"0 (all) or an integer >= {NUM_CLASSES}",
             )
 
@@ -150,19 +150,19 @@ def make_splits(
 ) -> dict[str, dict[str, Tensor]]:
     """Split and subset (stratified, seeded); returns {"train","val","test"} of images/labels."""
     (train_x, train_y), (test_x, test_y) = train, test
-    require(
+    check(
+        p,
+        "val_size",
         p.val_size < len(train_y) - NUM_CLASSES,
-        "preprocess.val_size",
-        p.val_size,
         f"fewer than the {len(train_y)} training images minus {NUM_CLASSES}",
     )
     generator = torch.Generator().manual_seed(p.seed)
     val_idx, train_idx = stratified_split(train_y, p.val_size, generator)
     if p.train_limit:
-        require(
+        check(
+            p,
+            "train_limit",
             p.train_limit <= len(train_idx),
-            "preprocess.train_limit",
-            p.train_limit,
             f"0 or at most {len(train_idx)} (training images after the validation split)",
         )
         if p.train_limit < len(train_idx):
@@ -170,12 +170,7 @@ def make_splits(
             train_idx = train_idx[keep]
     test_idx = torch.arange(len(test_y))
     if p.test_limit:
-        require(
-            p.test_limit <= len(test_y),
-            "preprocess.test_limit",
-            p.test_limit,
-            f"0 or at most {len(test_y)}",
-        )
+        check(p, "test_limit", p.test_limit <= len(test_y), f"0 or at most {len(test_y)}")
         if p.test_limit < len(test_y):
             test_idx, _ = stratified_split(test_y, p.test_limit, generator)
     return {

@@ -37,11 +37,11 @@ from tqdm import tqdm
 from common import (
     Device,
     PipelineError,
+    check,
     load_params,
     load_paths,
     load_torch,
     pick_device,
-    require,
     run,
     save_torch,
     seed_everything,
@@ -57,7 +57,7 @@ class ModelParams:
     width: int
 
     def __post_init__(self) -> None:
-        require(self.width >= 1, "model.width", self.width, "an integer >= 1 (64 = ResNet-18)")
+        check(self, "width", self.width >= 1, "an integer >= 1 (64 = ResNet-18)")
 
 
 @dataclass(frozen=True)
@@ -82,40 +82,30 @@ class TrainParams:
     checkpoint_every: int
 
     def __post_init__(self) -> None:
-        require(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        require(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
-        require(self.lr > 0, "train.lr", self.lr, "a number > 0")
-        require(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
-        require(
+        check(self, "epochs", self.epochs >= 1, "an integer >= 1")
+        check(self, "batch_size", self.batch_size >= 1, "an integer >= 1")
+        check(self, "lr", self.lr > 0, "a number > 0")
+        check(self, "momentum", 0 <= self.momentum < 1, "a number in [0, 1)")
+        check(
+            self,
+            "nesterov",
             not self.nesterov or self.momentum > 0,
-            "train.nesterov",
-            self.nesterov,
             "false when train.momentum is 0",
         )
-        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
-        require(
-            0 <= self.label_smoothing < 1,
-            "train.label_smoothing",
-            self.label_smoothing,
-            "a number in [0, 1)",
-        )
-        require(
+        check(self, "weight_decay", self.weight_decay >= 0, "a number >= 0")
+        check(self, "label_smoothing", 0 <= self.label_smoothing < 1, "a number in [0, 1)")
+        check(
+            self,
+            "warmup_epochs",
             0 <= self.warmup_epochs <= self.epochs,
-            "train.warmup_epochs",
-            self.warmup_epochs,
             f"a number in [0, train.epochs = {self.epochs}]",
         )
-        require(0 <= self.max_shift <= 8, "train.max_shift", self.max_shift, "0..8 pixels")
-        require(
-            self.eval_batch_size >= 1,
-            "train.eval_batch_size",
-            self.eval_batch_size,
-            "an integer >= 1",
-        )
-        require(
+        check(self, "max_shift", 0 <= self.max_shift <= 8, "0..8 pixels")
+        check(self, "eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1")
+        check(
+            self,
+            "checkpoint_every",
             self.checkpoint_every >= 0,
-            "train.checkpoint_every",
-            self.checkpoint_every,
             "an integer >= 0 (epochs; 0 = never)",
         )
 
@@ -139,8 +129,8 @@ class Settings:
 
 def cpu_has_amx() -> bool:
     """Intel AMX: tile matrix units that run bf16 matmuls and convolutions in hardware."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
+    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(supported and supported())
 
 
 def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
@@ -267,7 +257,7 @@ def fit(
     """Train `net` in place. After each epoch (and its checkpoint) yield its metrics;
     a checkpoint of the same run is resumed first, its epochs yielded again."""
     n = len(data.train_y)
-    require(p.batch_size <= n, "train.batch_size", p.batch_size, f"at most the {n} training images")
+    check(p, "batch_size", p.batch_size <= n, f"at most the {n} training images")
     steps = n // p.batch_size
     total_steps = p.epochs * steps
     memory_format = torch.channels_last if s.channels_last else torch.contiguous_format

@@ -23,7 +23,15 @@ CPU = torch.device("cpu")
 
 def tiny_params(**changes: object) -> train.TrainParams:
     defaults = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
-    tiny = {"epochs": 3, "batch_size": 32, "device": "cpu", "lr": 0.05, "warmup_epochs": 0.5}
+    # fp32 so that results do not depend on the CPU (auto picks bf16 where there is AMX)
+    tiny = {
+        "epochs": 3,
+        "batch_size": 32,
+        "device": "cpu",
+        "lr": 0.05,
+        "warmup_epochs": 0.5,
+        "precision": "fp32",
+    }
     return parse_section(train.TrainParams, defaults | tiny | changes)
 
 
@@ -81,7 +89,7 @@ def test_lr_warms_up_linearly_then_decays_to_zero() -> None:
 
 
 def test_auto_settings_on_cpu_and_missing_devices() -> None:
-    settings = train.resolve_settings(tiny_params(), CPU)
+    settings = train.resolve_settings(tiny_params(precision="auto"), CPU)
     expected = torch.bfloat16 if train.cpu_has_amx() else None
     assert (settings.autocast_dtype, settings.channels_last, settings.compile) == (
         expected,
