@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import run_cmd, write_params
 
@@ -111,14 +112,20 @@ def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
     assert "low-lr" in (project / "plots_diff/index.html").read_text()
 
 
-def test_interrupted_training_resumes_from_its_last_epoch(project: Path, mnist_mirror: str) -> None:
+@pytest.mark.parametrize(
+    ("signum", "returncode"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGKILL, -signal.SIGKILL)],
+)
+def test_interrupted_training_resumes_to_the_same_model(
+    project: Path, mnist_mirror: str, signum: int, returncode: int
+) -> None:
     write_params(
         project, {"preprocess": {"train_limit": 2000}, "train": {"epochs": 4, "batch_size": 100}}
     )
     env = {"MNIST_MIRROR": mnist_mirror}
     run_cmd([sys.executable, "src/download.py"], cwd=project, **env)
     run_cmd([sys.executable, "src/preprocess.py"], cwd=project, **env)
-    checkpoint = project / "models/checkpoint.pt"
+    checkpoint, model = project / "models/checkpoint.pt", project / "models/model.pt"
     process = subprocess.Popen(
         [sys.executable, "src/train.py"],
         cwd=project,
@@ -130,14 +137,24 @@ def test_interrupted_training_resumes_from_its_last_epoch(project: Path, mnist_m
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)  # during epoch 2 of 4
     out, err = process.communicate(timeout=60)
-    assert process.returncode == 130, out + err
-    assert "interrupted" in err
-    assert checkpoint.exists() and not (project / "models/model.pt").exists()
+    assert process.returncode == returncode, out + err
+    assert checkpoint.exists() and not model.exists()
 
     resumed = run_cmd([sys.executable, "src/train.py"], cwd=project)
     assert "resuming from models/checkpoint.pt after epoch" in resumed.stdout
-    assert (project / "models/model.pt").exists() and not checkpoint.exists()
+    assert model.exists() and not checkpoint.exists()
     loss = (project / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in loss[1:]] == ["1", "2", "3", "4"]
+
+    # the same as a run that was never interrupted (CPU, same seed)
+    resumed_model = torch.load(model, weights_only=True)
+    resumed_val = (project / "reports/train/plots/metrics/val/acc.tsv").read_text()
+    model.unlink()
+    straight = run_cmd([sys.executable, "src/train.py"], cwd=project)
+    assert "resuming" not in straight.stdout
+    straight_model = torch.load(model, weights_only=True)
+    for key, value in straight_model["state_dict"].items():
+        assert torch.equal(value, resumed_model["state_dict"][key]), key
+    assert (project / "reports/train/plots/metrics/val/acc.tsv").read_text() == resumed_val
