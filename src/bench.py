@@ -8,14 +8,14 @@ On one device, in one run, measures training images/s for
               Normalize through a DataLoader, fp32, eager: the seed README's loop;
   ceiling     forward+backward+step on one fixed batch already on the device,
               with the same settings as ours (no data path at all);
-then each option of `--ablate` flipped from what `auto` chose, evaluation
-images/s, achieved TFLOP/s (and the fraction of the GPU's peak), peak memory,
-and the hardware. Prints a table, then one JSON line.
+then ours with each option of `--ablate` flipped from what `auto` chose, the
+evaluate stage's images/s, achieved TFLOP/s (and the fraction of the GPU's
+peak), peak memory and the hardware. Prints a table, then one JSON line.
 
-    python src/bench.py                               # this machine's best device
+    python src/bench.py                         # the best device here, width 64
     python src/bench.py --device cpu --width 16 --steps 5
 
-Inputs: `paths.processed`/{train,val}.pt and `paths.raw`/ (run `dvc repro preprocess`).
+Inputs: `paths.processed`/{train,val}.pt and `paths.raw`/ (`dvc repro preprocess`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ import dataclasses
 import json
 import platform
 import resource
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,15 +36,18 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from common import PipelineError, load_params, load_paths, pick_device, run
+from common import RAW_FILES, PipelineError, load_params, load_paths, pick_device, run
+from evaluate import EvaluateParams
 from model import normalise, predict_logits, resnet18
 
-# Dense peak TFLOP/s by GPU name, for the precision used (vendor data sheets; SXM parts).
+# Dense peak TFLOP/s by GPU name and autocast precision (vendor data sheets, SXM parts).
+# "fp32" is TF32: cuDNN runs fp32 convolutions on TF32 tensor cores by default.
 PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.7},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.7},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
 }
+OPTIONS = ("precision", "channels_last", "compile", "cuda_graphs", "fused_optimizer")
 
 
 def sync(device: torch.device) -> None:
@@ -50,18 +55,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak device memory on CUDA; elsewhere the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def training_flops_per_image(width: int) -> float:
@@ -72,7 +65,7 @@ def training_flops_per_image(width: int) -> float:
     return float(counter.get_total_flops())
 
 
-def timed_steps(step, warmup: int, steps: int, device: torch.device) -> float:
+def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
     """Seconds for `steps` calls of step() after `warmup` untimed ones."""
     for _ in range(warmup):
         step()
@@ -92,17 +85,14 @@ def bench_ours(data: train.Data, p: train.TrainParams, width: int, steps: int) -
         data,
         train_x=data.train_x[:n],
         train_y=data.train_y[:n],
-        val_x=data.val_x[: p.eval_batch_size],
-        val_y=data.val_y[: p.eval_batch_size],
+        val_x=data.val_x[:256],
+        val_y=data.val_y[:256],
     )
     settings = train.resolve_settings(p, data.train_x.device)
     torch.manual_seed(p.seed)
     with tempfile.TemporaryDirectory() as scratch:
-        records = list(
-            train.fit(
-                resnet18(width=width), subset, p, settings, Path(scratch) / "none.pt", "bench"
-            )
-        )
+        net = resnet18(width=width)
+        records = list(train.fit(net, subset, p, settings, Path(scratch) / "ckpt.pt", "bench"))
     return records[-1]["images_per_s"]
 
 
@@ -111,25 +101,22 @@ def bench_ceiling(
 ) -> float:
     """Images/s of forward+backward+step on one fixed batch, settings as ours."""
     s = train.resolve_settings(p, data.train_x.device)
-    memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
-    net = resnet18(width=width).to(s.device, memory_format=memory_format).train()
-    forward = torch.compile(net) if s.compile else net
-    optimizer = train.make_optimizer(net, p, s.device)
+    net = resnet18(width=width).to(s.device, memory_format=s.memory_format).train()
+    forward = s.compiled(net)
+    optimizer = train.make_optimizer(net, p, s.fused_optimizer)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     x = normalise(data.train_x[: p.batch_size], data.mean, data.std)
-    x = x.contiguous(memory_format=memory_format)
+    x = x.contiguous(memory_format=s.memory_format)
     y = data.train_y[: p.batch_size]
 
     def step() -> None:
-        with torch.autocast(
-            s.device.type, dtype=s.autocast_dtype, enabled=s.autocast_dtype is not None
-        ):
+        with s.autocast():
             loss = loss_fn(forward(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    return steps * p.batch_size / timed_steps(step, warmup, steps, s.device)
+    return steps * p.batch_size / timed(step, warmup, steps, s.device)
 
 
 def bench_seed_style(
@@ -147,21 +134,13 @@ def bench_seed_style(
     with tempfile.TemporaryDirectory() as root:
         folder = Path(root) / "MNIST" / "raw"  # the layout torchvision's MNIST expects
         folder.mkdir(parents=True)
-        for name in (
-            "train-images-idx3-ubyte",
-            "train-labels-idx1-ubyte",
-            "t10k-images-idx3-ubyte",
-            "t10k-labels-idx1-ubyte",
-        ):
+        for name in RAW_FILES.values():
             (folder / name).symlink_to((raw / name).resolve())
-        transform = transforms.Compose(
-            [
-                transforms.Resize(32),
-                transforms.ToTensor(),
-                transforms.Normalize((0.1307,), (0.3081,)),
-            ]
-        )
+        normalize = transforms.Normalize((0.1307,), (0.3081,))
+        transform = transforms.Compose([transforms.Resize(32), transforms.ToTensor(), normalize])
         dataset = datasets.MNIST(root, train=True, download=False, transform=transform)
+        if (warmup + steps) * batch_size > len(dataset):
+            raise PipelineError(f"--warmup + --steps of {batch_size} exceed {len(dataset)} images")
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
@@ -172,46 +151,59 @@ def bench_seed_style(
         )
         net = resnet18(width=width).to(device).train()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        loss_fn = nn.CrossEntropyLoss()
         batches = iter(loader)
 
         def step() -> None:
             x, y = next(batches)
-            x, y = x.to(device), y.to(device)
-            loss = loss_fn(net(x), y)
+            loss = nn.functional.cross_entropy(net(x.to(device)), y.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
 
-        return steps * batch_size / timed_steps(step, warmup, steps, device)
+        return steps * batch_size / timed(step, warmup, steps, device)
 
 
-def bench_eval(data: train.Data, p: train.TrainParams, width: int, images: int) -> float:
-    s = train.resolve_settings(p, data.train_x.device)
-    memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
-    net = resnet18(width=width).to(s.device, memory_format=memory_format)
-    forward = torch.compile(net) if s.compile else net
+def bench_evaluate(data: train.Data, width: int, images: int, batch_size: int) -> float:
+    """Images/s of the evaluate stage's inference: fp32, eager, its batch size."""
+    net = resnet18(width=width).to(data.val_x.device)
     x = data.val_x[:images]
+    seconds = timed(lambda: predict_logits(net, x, data.mean, data.std, batch_size), 1, 1, x.device)
+    return len(x) / seconds
 
-    def step() -> None:
-        predict_logits(
-            forward, x, data.mean, data.std, p.eval_batch_size, s.autocast_dtype, memory_format
-        )
 
-    return len(x) / timed_steps(step, 1, 1, s.device)
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak device memory since the last reset on CUDA; elsewhere the process's peak
+    resident memory so far (it never goes down, so only the largest row means much)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes vs KiB
 
 
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        for line in (
-            Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-        ):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-        return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return device.type
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def flipped(p: train.TrainParams, s: train.Settings, option: str) -> tuple[str, train.TrainParams]:
+    """`p` with `option` set opposite to what auto chose, and a label for it."""
+    if option == "precision":
+        other = "fp32" if s.autocast_dtype is not None else "bf16"
+        return f"precision {other}", dataclasses.replace(p, precision=other)
+    if option not in OPTIONS:
+        raise PipelineError(f"--ablate: unknown option '{option}' (one of {', '.join(OPTIONS)})")
+    value = not getattr(s, option)
+    changes = {option: value} | ({"compile": True} if option == "cuda_graphs" and value else {})
+    return f"{option} {value}", dataclasses.replace(p, **changes)
 
 
 def parse_args() -> argparse.Namespace:
@@ -232,64 +224,48 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--ablate",
         default=None,
-        help="options to flip from auto, comma-separated, of precision, "
-        "channels_last, compile (default: all on CUDA, channels_last "
-        "elsewhere; '' for none)",
+        help=f"options to flip from auto, comma-separated, of {', '.join(OPTIONS)}"
+        " (default: all on CUDA, channels_last elsewhere; '' for none)",
     )
     args = parser.parse_args()
-    for name in ("width", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("width", "steps", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return args
-
-
-def flipped(p: train.TrainParams, s: train.Settings, option: str) -> tuple[str, train.TrainParams]:
-    """`p` with `option` set opposite to what auto chose, and a label for it."""
-    if option == "precision":
-        other = "fp32" if s.autocast_dtype is not None else "bf16"
-        return f"precision {other}", dataclasses.replace(p, precision=other)
-    if option in ("channels_last", "compile"):
-        value = not getattr(s, option)
-        return f"{option} {value}", dataclasses.replace(p, **{option: value})
-    raise PipelineError(f"--ablate: unknown option '{option}' (precision, channels_last, compile)")
 
 
 def main() -> None:
     args = parse_args()
     paths = load_paths()
     device = pick_device(args.device)
-    batch = args.batch_size or (
-        64 if device.type == "cpu" else load_params(train.TrainParams).batch_size
-    )
+    torch.backends.cudnn.benchmark = True  # as the train stage does (not deterministic)
+    p = load_params(train.TrainParams)
+    batch = args.batch_size or (64 if device.type == "cpu" else p.batch_size)
     p = dataclasses.replace(
-        load_params(train.TrainParams),
-        batch_size=batch,
-        epochs=2,
-        warmup_epochs=1,
-        checkpoint_every=0,
-        device=device.type,
+        p, batch_size=batch, epochs=2, warmup_epochs=1, checkpoint_every=0, device=device.type
     )
     data = train.load_data(Path(paths.processed), device)
     if len(data.train_y) < args.steps * batch:
         raise PipelineError(
-            f"{args.steps} steps of {batch} need {args.steps * batch} training "
-            f"images; {paths.processed} has {len(data.train_y)}"
+            f"{args.steps} steps of {batch} images need {args.steps * batch} "
+            f"training images; {paths.processed} has {len(data.train_y)}"
         )
     settings = train.resolve_settings(p, device)
-    ablate = (
-        args.ablate
-        if args.ablate is not None
-        else ("precision,channels_last,compile" if device.type == "cuda" else "channels_last")
-    )
-    flops = training_flops_per_image(args.width)
+    default_ablate = ",".join(OPTIONS) if device.type == "cuda" else "channels_last"
+    ablate = [
+        o.strip()
+        for o in (args.ablate if args.ablate is not None else default_ablate).split(",")
+        if o.strip()
+    ]
+    variants = [flipped(p, settings, option) for option in ablate]
+    eval_batch = load_params(EvaluateParams).batch_size
+    eval_images = min(len(data.val_y), 2 * args.steps * batch)
 
-    results: dict[str, float] = {}
-    memory: dict[str, float] = {}
-    measurements = [
-        ("ours", lambda: bench_ours(data, p, args.width, args.steps)),
-        (
-            "seed-style",
-            lambda: bench_seed_style(
+    measurements = (
+        {
+            "ours": lambda: bench_ours(data, p, args.width, args.steps),
+            "seed-style": lambda: bench_seed_style(
                 Path(paths.raw),
                 device,
                 args.width,
@@ -298,35 +274,24 @@ def main() -> None:
                 args.warmup,
                 args.steps,
             ),
-        ),
-        ("ceiling", lambda: bench_ceiling(data, p, args.width, args.warmup, args.steps)),
-    ]
-    for option in filter(None, ablate.split(",")):
-        label, variant = flipped(p, settings, option.strip())
-        measurements.append(
-            (f"ours, {label}", lambda v=variant: bench_ours(data, v, args.width, args.steps))
-        )
-    measurements.append(
-        (
-            "eval",
-            lambda: bench_eval(data, p, args.width, min(len(data.val_y), 2 * args.steps * batch)),
-        )
+            "ceiling": lambda: bench_ceiling(data, p, args.width, args.warmup, args.steps),
+        }
+        | {
+            f"ours, {label}": (lambda v=variant: bench_ours(data, v, args.width, args.steps))
+            for label, variant in variants
+        }
+        | {"evaluate": lambda: bench_evaluate(data, args.width, eval_images, eval_batch)}
     )
-    for name, measure in measurements:
-        reset_peak_memory(device)
+    results, memory = {}, {}
+    for name, measure in measurements.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         results[name] = measure()
         memory[name] = peak_memory_mib(device)
 
-    precision = (
-        "fp32"
-        if settings.autocast_dtype is None
-        else str(settings.autocast_dtype)
-        .removeprefix("torch.")
-        .replace("bfloat16", "bf16")
-        .replace("float16", "fp16")
-    )
+    flops = training_flops_per_image(args.width)
     name = hardware(device)
-    peak = next((v[precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = next((v[settings.precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
     tflops = results["ours"] * flops / 1e12
     summary = {
         "hardware": name,
@@ -345,13 +310,14 @@ def main() -> None:
         "fraction_of_peak": round(tflops / peak, 4) if peak else None,
         "peak_memory_mib": {k: round(v, 1) for k, v in memory.items()},
     }
+    memory_label = "peak MiB" if device.type == "cuda" else "RSS MiB"
     print(
         f"{name}; torch {torch.__version__}; width {args.width}, batch {batch}, "
         f"{args.steps} timed steps; {settings.describe()}"
     )
-    print(f"{'measurement':<32}{'images/s':>12}{'vs ours':>10}{'peak MiB':>10}")
+    print(f"{'measurement':<34}{'images/s':>12}{'vs ours':>10}{memory_label:>10}")
     for key, value in results.items():
-        print(f"{key:<32}{value:>12.1f}{value / results['ours']:>10.3f}{memory[key]:>10.0f}")
+        print(f"{key:<34}{value:>12.1f}{value / results['ours']:>10.3f}{memory[key]:>10.0f}")
     print(
         f"ours/seed-style {summary['ours_over_seed_style']:.3f}, ours/ceiling "
         f"{summary['ours_over_ceiling']:.3f}; {flops / 1e9:.3f} GFLOP per training image, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import json
+import math
 import os
 import random
 import shutil
@@ -38,6 +38,7 @@ RAW_FILES = {
 }
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
+NUM_CLASSES = 10  # digits 0-9
 
 
 class PipelineError(Exception):
@@ -82,9 +83,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             with contextlib.suppress(ValueError):
                 value = float(value)
-        require(
-            isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number"
-        )
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        require(is_number and math.isfinite(value), key, value, "a finite number")
         return float(value)
     elif hint is str:
         require(isinstance(value, str), key, value, "a string")
@@ -180,23 +180,24 @@ def pick_device(requested: str) -> Any:
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block
-    succeeds, so a crash never leaves a half-written file or folder at `path`."""
+    succeeds, so a crash never leaves a half-written file or folder at `path`.
+
+    A folder that `path` replaces is first renamed aside, so a crash at any moment
+    leaves either the old or the new output. Temp folders of an earlier, killed
+    run of the same output are removed first (DVC runs one stage at a time)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
         yield target
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            os.replace(path, tmp / "replaced")
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json(data: Any, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from common import RAW_FILES, PipelineError, atomic_path, check, load_params, load_paths, run
+from common import PipelineError, atomic_path, check, load_params, load_paths, run
 
 # SHA-256 of the decompressed files of the original MNIST database.
 SHA256 = {
@@ -56,15 +56,23 @@ class DataParams:
 
 
 class MirrorError(Exception):
-    """One mirror failed for one file; the next mirror is tried."""
+    """One mirror failed for one file; the next mirror is tried.
+    `unreachable` mirrors are not asked again for the other files."""
+
+    def __init__(self, reason: str, unreachable: bool = False) -> None:
+        super().__init__(reason)
+        self.unreachable = unreachable
 
 
 class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow a redirect only within the mirror's own host (http -> https allowed)."""
+    """Follow a redirect only within the mirror's own host, and never https -> http."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urlparse(newurl).hostname != urlparse(req.full_url).hostname:
+        old, new = urlparse(req.full_url), urlparse(newurl)
+        if new.hostname != old.hostname:
             raise MirrorError(f"redirected to another host ({newurl})")
+        if old.scheme == "https" and new.scheme != "https":
+            raise MirrorError(f"redirected from https to {new.scheme} ({newurl})")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -94,8 +102,9 @@ def fetch(source: str, filename: str, timeout_s: float) -> bytes:
         opener = urllib.request.build_opener(_SameHostRedirects)
         try:
             with opener.open(url, timeout=timeout_s) as response:
-                length = response.headers.get("Content-Length")
-                return _read_limited(response, int(length) if length else None, filename)
+                length = response.headers.get("Content-Length", "")
+                total = int(length) if length.isdigit() else None  # absent or malformed
+                return _read_limited(response, total, filename)
         except urllib.error.HTTPError as error:
             raise MirrorError(f"HTTP {error.code} {error.reason}") from None
         except http.client.IncompleteRead as error:
@@ -103,7 +112,7 @@ def fetch(source: str, filename: str, timeout_s: float) -> bytes:
             raise MirrorError(f"truncated: got {got} bytes, then the connection closed") from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
             reason = getattr(error, "reason", error)
-            raise MirrorError(f"unreachable ({reason})") from None
+            raise MirrorError(f"unreachable ({reason})", unreachable=True) from None
     if scheme == "file":
         source = urllib.request.url2pathname(urlparse(source).path)
     elif scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
@@ -131,15 +140,23 @@ def decompress_and_verify(data: bytes, expected_sha256: str) -> bytes:
     return raw
 
 
-def download_file(name: str, sources: list[str], expected_sha256: str, timeout_s: float) -> bytes:
-    """The verified, decompressed bytes of MNIST file `name` from the first good mirror."""
+def download_file(
+    name: str, sources: list[str], expected_sha256: str, timeout_s: float, unreachable: dict
+) -> bytes:
+    """The verified, decompressed bytes of MNIST file `name` from the first good mirror.
+    Mirrors found unreachable are recorded in `unreachable` and skipped afterwards."""
     failures = []
     for source in sources:
+        if source in unreachable:
+            failures.append(f"  {source}: {unreachable[source]} (skipped)")
+            continue
         try:
             return decompress_and_verify(fetch(source, name + ".gz", timeout_s), expected_sha256)
         except MirrorError as error:
             failures.append(f"  {source}: {error}")
             print(f"warning: mirror {source} failed for {name}.gz: {error}", file=sys.stderr)
+            if error.unreachable:
+                unreachable[source] = str(error)
     raise PipelineError(f"every mirror failed for {name}.gz:\n" + "\n".join(failures))
 
 
@@ -147,17 +164,17 @@ def download_all(
     sources: list[str], out_dir: Path, timeout_s: float, checksums: dict[str, str] = SHA256
 ) -> None:
     """Write every verified file into `out_dir`, which appears only when all are good."""
+    unreachable: dict[str, str] = {}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, sha in checksums.items():
-            (tmp / name).write_bytes(download_file(name, sources, sha, timeout_s))
+            (tmp / name).write_bytes(download_file(name, sources, sha, timeout_s, unreachable))
             print(f"{name}: ok (sha256 {sha[:12]}...)")
 
 
 def main() -> None:
     params = load_params(DataParams)
     paths = load_paths()
-    assert set(SHA256) == set(RAW_FILES.values())
     sources = mirror_sources(params.mirrors, os.environ.get(MIRROR_ENV))
     download_all(sources, Path(paths.raw), params.timeout_s)
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from common import (
+    NUM_CLASSES,
     Device,
     atomic_path,
     check,
@@ -31,8 +32,6 @@ from common import (
     run,
 )
 from model import predict_logits, resnet18
-
-NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from common import PipelineError, atomic_path, check, load_params, load_paths, load_torch, run
-
-NUM_CLASSES = 10
+from common import (
+    NUM_CLASSES,
+    PipelineError,
+    atomic_path,
+    check,
+    load_params,
+    load_paths,
+    load_torch,
+    run,
+)
 
 
 @dataclass(frozen=True)

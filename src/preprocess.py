@@ -23,10 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common import RAW_FILES, PipelineError, atomic_path, check, load_params, load_paths, run
+from common import (
+    NUM_CLASSES,
+    RAW_FILES,
+    PipelineError,
+    atomic_path,
+    check,
+    load_params,
+    load_paths,
+    run,
+)
 
 IMAGE_SIZE = 32  # the model's input: 28x28 digits upsampled so 4 stride-2 stages end at 4x4
-NUM_CLASSES = 10
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 
@@ -136,10 +144,12 @@ def stratified_split(
 
 
 def normalisation_stats(images: Tensor) -> tuple[float, float]:
-    """Mean and std of uint8 pixels scaled to [0,1], from exact integer sums."""
-    pixels = images.flatten().long()
-    n = pixels.numel()
-    total, squares = int(pixels.sum()), int((pixels * pixels).sum())
+    """Mean and std of uint8 pixels scaled to [0,1], from an exact histogram (so the
+    same on every machine)."""
+    counts = torch.bincount(images.flatten(), minlength=256).tolist()
+    n = sum(counts)
+    total = sum(v * c for v, c in enumerate(counts))
+    squares = sum(v * v * c for v, c in enumerate(counts))
     mean = total / n / 255.0
     var = squares / n / 255.0**2 - mean**2
     return mean, var**0.5
@@ -156,8 +166,11 @@ def make_splits(
         p.val_size < len(train_y) - NUM_CLASSES,
         f"fewer than the {len(train_y)} training images minus {NUM_CLASSES}",
     )
-    generator = torch.Generator().manual_seed(p.seed)
-    val_idx, train_idx = stratified_split(train_y, p.val_size, generator)
+
+    def generator() -> torch.Generator:  # one per draw: each subset depends on its own size only
+        return torch.Generator().manual_seed(p.seed)
+
+    val_idx, train_idx = stratified_split(train_y, p.val_size, generator())
     if p.train_limit:
         check(
             p,
@@ -166,13 +179,13 @@ def make_splits(
             f"0 or at most {len(train_idx)} (training images after the validation split)",
         )
         if p.train_limit < len(train_idx):
-            keep, _ = stratified_split(train_y[train_idx], p.train_limit, generator)
+            keep, _ = stratified_split(train_y[train_idx], p.train_limit, generator())
             train_idx = train_idx[keep]
     test_idx = torch.arange(len(test_y))
     if p.test_limit:
         check(p, "test_limit", p.test_limit <= len(test_y), f"0 or at most {len(test_y)}")
         if p.test_limit < len(test_y):
-            test_idx, _ = stratified_split(test_y, p.test_limit, generator)
+            test_idx, _ = stratified_split(test_y, p.test_limit, generator())
     return {
         "train": {"images": resize(train_x[train_idx]), "labels": train_y[train_idx]},
         "val": {"images": resize(train_x[val_idx]), "labels": train_y[val_idx]},

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from common import (
     Device,
     PipelineError,
+    atomic_path,
     check,
     load_params,
     load_paths,
@@ -77,6 +78,8 @@ class TrainParams:
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     channels_last: Auto
     compile: Auto
+    cuda_graphs: Auto
+    fused_optimizer: Auto
     deterministic: bool
     eval_batch_size: int
     checkpoint_every: int
@@ -118,12 +121,33 @@ class Settings:
     autocast_dtype: torch.dtype | None  # None = plain fp32
     channels_last: bool
     compile: bool
+    cuda_graphs: bool
+    fused_optimizer: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self) -> torch.autocast:
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
+
+    def compiled(self, net: nn.Module) -> nn.Module:
+        """`net` as the training step calls it: compiled, with CUDA graphs, or as is."""
+        if not self.compile:
+            return net
+        return torch.compile(net, mode="reduce-overhead" if self.cuda_graphs else None)
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
 
     def describe(self) -> str:
-        dtype = str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else "fp32"
         return (
-            f"device {self.device}, precision {dtype}, "
-            f"channels_last {self.channels_last}, compile {self.compile}"
+            f"device {self.device}, precision {self.precision}, "
+            f"channels_last {self.channels_last}, "
+            f"compile {self.compile}, cuda_graphs {self.cuda_graphs}, "
+            f"fused_optimizer {self.fused_optimizer}"
         )
 
 
@@ -147,7 +171,12 @@ def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     channels_last = p.channels_last if p.channels_last != "auto" else device.type in ("cuda", "cpu")
     # compiling costs minutes on a small CPU and pays off only on GPUs
     compile_model = p.compile if p.compile != "auto" else cuda
-    return Settings(device, dtype, channels_last, compile_model)
+    # CUDA graphs (torch.compile's "reduce-overhead") are not yet measured: off under auto
+    cuda_graphs = p.cuda_graphs if p.cuda_graphs != "auto" else False
+    if cuda_graphs and not (cuda and compile_model):
+        raise PipelineError("train.cuda_graphs = true needs a CUDA device and train.compile")
+    fused = p.fused_optimizer if p.fused_optimizer != "auto" else cuda  # one kernel per step
+    return Settings(device, dtype, channels_last, compile_model, cuda_graphs, fused)
 
 
 # --------------------------------------------------------------------------- data on the device
@@ -179,7 +208,7 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterat
 # --------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(net: nn.Module, p: TrainParams, device: torch.device) -> torch.optim.SGD:
+def make_optimizer(net: nn.Module, p: TrainParams, fused: bool) -> torch.optim.SGD:
     """SGD; no weight decay on BatchNorm and biases ("no bias decay", He et al. 2019, sec. 3.1)."""
     decay = [t for t in net.parameters() if t.ndim > 1]
     no_decay = [t for t in net.parameters() if t.ndim <= 1]
@@ -192,7 +221,7 @@ def make_optimizer(net: nn.Module, p: TrainParams, device: torch.device) -> torc
         lr=p.lr,
         momentum=p.momentum,
         nesterov=p.nesterov,
-        fused=device.type == "cuda" or None,
+        fused=fused or None,  # None: torch's default, foreach
     )
 
 
@@ -207,11 +236,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def fingerprint(model_p: ModelParams, p: TrainParams, data_files: list[Path]) -> str:
-    """Identifies a training run: a checkpoint is resumed only by the same run."""
-    h = hashlib.sha256(
-        json.dumps([dataclasses.asdict(model_p), dataclasses.asdict(p)], sort_keys=True).encode()
-    )
+def fingerprint(model_p: ModelParams, p: TrainParams, s: Settings, data_files: list[Path]) -> str:
+    """Identifies a training run (params, what auto resolved to, data): a checkpoint is
+    resumed only by the same run, never by other params or on another device."""
+    run = [dataclasses.asdict(model_p), dataclasses.asdict(p), s.describe()]
+    h = hashlib.sha256(json.dumps(run, sort_keys=True).encode())
     for path in data_files:
         h.update(path.read_bytes())
     return h.hexdigest()
@@ -234,6 +263,46 @@ def set_rng_states(states: dict[str, Any], generator: torch.Generator) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@dataclass
+class TrainingState:
+    """Everything that changes while training, as a checkpoint stores it."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    history: list[dict[str, float]]
+
+    def save(self, path: Path, run_id: str) -> None:
+        state = {
+            "run_id": run_id,
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states(self.generator),
+            "history": self.history,
+        }
+        save_torch(state, path)
+
+    def resume(self, path: Path, run_id: str) -> None:
+        """Continue from the checkpoint at `path` if it belongs to this run."""
+        if not path.exists():
+            return
+        state = load_torch(path)
+        if state.get("run_id") != run_id:
+            print(f"ignoring {path}: it belongs to another run (params, device or data differ)")
+            return
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_states(state["rng"], self.generator)
+        self.history = state["history"]
+        print(f"resuming from {path} after epoch {len(self.history)}")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -259,58 +328,48 @@ def fit(
     n = len(data.train_y)
     check(p, "batch_size", p.batch_size <= n, f"at most the {n} training images")
     steps = n // p.batch_size
-    total_steps = p.epochs * steps
-    memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
-    net.to(s.device, memory_format=memory_format)
-    optimizer = make_optimizer(net, p, s.device)
-    warmup_steps = round(p.warmup_epochs * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps)
+    net.to(s.device, memory_format=s.memory_format)
+    optimizer = make_optimizer(net, p, s.fused_optimizer)
+    warmup_steps, total_steps = round(p.warmup_epochs * steps), p.epochs * steps
+    state = TrainingState(
+        net,
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, warmup_steps, total_steps)
+        ),
+        torch.amp.GradScaler(s.device.type, enabled=s.autocast_dtype == torch.float16),
+        torch.Generator(device=s.device).manual_seed(p.seed),
+        [],
     )
-    scaler = torch.amp.GradScaler(s.device.type, enabled=s.autocast_dtype == torch.float16)
-    generator = torch.Generator(device=s.device).manual_seed(p.seed)
+    state.resume(checkpoint, run_id)
+    yield from state.history
+
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
-    forward = torch.compile(net) if s.compile else net
-
-    history: list[dict[str, float]] = []
-    if checkpoint.exists():
-        state = load_torch(checkpoint)
-        if state.get("run_id") == run_id:
-            net.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            set_rng_states(state["rng"], generator)
-            history = state["history"]
-            print(f"resuming from {checkpoint} after epoch {len(history)}/{p.epochs}")
-        else:
-            print(f"ignoring {checkpoint}: it belongs to another run (params or data differ)")
-    yield from history
-
-    bar = tqdm(total=total_steps, initial=len(history) * steps, unit="step", disable=None)
-    for epoch in range(len(history) + 1, p.epochs + 1):
+    forward = s.compiled(net)
+    bar = tqdm(total=total_steps, initial=len(state.history) * steps, unit="step", disable=None)
+    for epoch in range(len(state.history) + 1, p.epochs + 1):
         bar.set_description(f"epoch {epoch}/{p.epochs}")
         net.train()
+        # per-step figures stay on the device: no synchronisation until the epoch ends
         losses = torch.zeros(steps, device=s.device)
         correct = torch.zeros(steps, device=s.device, dtype=torch.long)
-        lr = scheduler.get_last_lr()[0]
+        lr = state.scheduler.get_last_lr()[0]
         start = time.perf_counter()
-        for step, idx in enumerate(epoch_batches(n, p.batch_size, generator)):
-            x = random_shift(data.train_x[idx], p.max_shift, generator)
-            x = normalise(x, data.mean, data.std).contiguous(memory_format=memory_format)
+        for step, idx in enumerate(epoch_batches(n, p.batch_size, state.generator)):
+            x = random_shift(data.train_x[idx], p.max_shift, state.generator)
+            x = normalise(x, data.mean, data.std).contiguous(memory_format=s.memory_format)
             y = data.train_y[idx]
-            with torch.autocast(
-                s.device.type, dtype=s.autocast_dtype, enabled=s.autocast_dtype is not None
-            ):
+            with s.autocast():
                 logits = forward(x)
                 loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses[step] = loss.detach()
-            correct[step] = (logits.argmax(1) == y).sum()
+            state.scaler.scale(loss).backward()
+            state.scaler.step(optimizer)
+            state.scaler.update()
+            state.scheduler.step()
+            with torch.no_grad():  # plain cross-entropy, comparable with the validation loss
+                losses[step] = F.cross_entropy(logits.float(), y)
+                correct[step] = (logits.argmax(1) == y).sum()
             bar.update()
         losses = losses.cpu()  # waits for the device: the epoch's work is done
         seconds = time.perf_counter() - start
@@ -320,14 +379,15 @@ def fit(
                 f"loss became {losses[bad[0]].item()} at epoch {epoch}, step {bad[0] + 1} of "
                 f"{steps} (train.lr = {p.lr}): try a smaller train.lr; no model was written"
             )
+        # validation runs the plain module: no recompiling for eval mode or a short batch
         val_logits = predict_logits(
-            forward,
+            net,
             data.val_x,
             data.mean,
             data.std,
             p.eval_batch_size,
             s.autocast_dtype,
-            memory_format,
+            s.memory_format,
         )
         record = {
             "epoch": epoch,
@@ -339,20 +399,9 @@ def fit(
             "epoch_time_s": seconds,
             "images_per_s": steps * p.batch_size / seconds,
         }
-        history.append(record)
+        state.history.append(record)
         if p.checkpoint_every and epoch % p.checkpoint_every == 0 and epoch < p.epochs:
-            save_torch(
-                {
-                    "run_id": run_id,
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng_states(generator),
-                    "history": history,
-                },
-                checkpoint,
-            )
+            state.save(checkpoint, run_id)
         yield record
     bar.close()
 
@@ -370,6 +419,21 @@ def load_data(processed: Path, device: torch.device) -> Data:
     )
 
 
+def log_epoch(live: Any, record: dict[str, float], epochs: int) -> None:
+    """One DVCLive step (x = epoch) and one console line per epoch."""
+    live.step = int(record["epoch"])
+    for name, value in record.items():
+        if name != "epoch":
+            live.log_metric(name, value)
+    live.next_step()
+    print(
+        f"epoch {record['epoch']}/{epochs}: train loss {record['train/loss']:.4f} "
+        f"acc {record['train/acc']:.4f} | val loss {record['val/loss']:.4f} "
+        f"acc {record['val/acc']:.4f} | {record['epoch_time_s']:.1f} s, "
+        f"{record['images_per_s']:.0f} img/s"
+    )
+
+
 def main() -> None:
     model_p, p = load_params(ModelParams), load_params(TrainParams)
     paths = load_paths()
@@ -380,7 +444,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = not p.deterministic
     processed = Path(paths.processed)
     data = load_data(processed, settings.device)
-    run_id = fingerprint(model_p, p, [processed / f for f in ("train.pt", "val.pt", "stats.json")])
+    data_files = [processed / name for name in ("train.pt", "val.pt", "stats.json")]
+    run_id = fingerprint(model_p, p, settings, data_files)
     seed_everything(p.seed)
     net = resnet18(width=model_p.width)
     print(
@@ -391,44 +456,34 @@ def main() -> None:
 
     from dvclive import Live
 
-    checkpoint = Path(paths.checkpoint)
-    total_time = 0.0
-    with Live(dir=paths.train_report, dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        try:
-            for record in fit(net, data, p, settings, checkpoint, run_id):
-                live.step = int(record["epoch"])
-                for name, value in record.items():
-                    if name != "epoch":
-                        live.log_metric(name, value)
-                live.next_step()
-                total_time += record["epoch_time_s"]
-                print(
-                    f"epoch {record['epoch']}/{p.epochs}: train loss {record['train/loss']:.4f} "
-                    f"acc {record['train/acc']:.4f} | val loss {record['val/loss']:.4f} "
-                    f"acc {record['val/acc']:.4f} | {record['epoch_time_s']:.1f} s, "
-                    f"{record['images_per_s']:.0f} img/s"
-                )
-        except torch.OutOfMemoryError:
-            raise PipelineError(
-                f"out of memory on {settings.device} with train.batch_size = "
-                f"{p.batch_size}: try a smaller train.batch_size"
-            ) from None
-        live.log_metric("train_time_s", total_time, plot=False)
-        live.log_metric(
-            "train_images_per_s",
-            p.epochs * (len(data.train_y) // p.batch_size) * p.batch_size / total_time,
-            plot=False,
+    # DVCLive writes into a temp folder that replaces the report only once training is
+    # done, so a failed or interrupted run leaves no partial report.
+    history = []
+    with atomic_path(paths.train_report) as report_dir:
+        with Live(dir=str(report_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+            try:
+                for record in fit(net, data, p, settings, Path(paths.checkpoint), run_id):
+                    log_epoch(live, record, p.epochs)
+                    history.append(record)
+            except torch.OutOfMemoryError:
+                raise PipelineError(
+                    f"out of memory on {settings.device} with train.batch_size = {p.batch_size}"
+                    f" (train.eval_batch_size = {p.eval_batch_size}): try smaller ones"
+                ) from None
+            seconds = sum(r["epoch_time_s"] for r in history)
+            images = p.epochs * (len(data.train_y) // p.batch_size) * p.batch_size
+            live.log_metric("train_time_s", seconds, plot=False)
+            live.log_metric("train_images_per_s", images / seconds, plot=False)
+        save_torch(
+            {
+                "state_dict": net.state_dict(),
+                "params": {"model": dataclasses.asdict(model_p), "train": dataclasses.asdict(p)},
+                "stats": {"mean": data.mean, "std": data.std},
+            },
+            paths.model,
         )
-    save_torch(
-        {
-            "state_dict": net.state_dict(),
-            "params": {"model": dataclasses.asdict(model_p), "train": dataclasses.asdict(p)},
-            "stats": {"mean": data.mean, "std": data.std},
-        },
-        paths.model,
-    )
-    checkpoint.unlink(missing_ok=True)
-    print(f"wrote {paths.model}")
+    Path(paths.checkpoint).unlink(missing_ok=True)
+    print(f"wrote {paths.model} and {paths.train_report}")
 
 
 if __name__ == "__main__":

@@ -89,9 +89,10 @@ class _MirrorHandler(http.server.BaseHTTPRequestHandler):
         if mode == "missing" or not path.exists():
             self.send_error(404, "Not Found")
             return
-        if mode == "redirect":  # to the same server under another host name
+        if mode in ("redirect", "samehost"):  # to another host name, or to the same one
+            host = "localhost" if mode == "redirect" else "127.0.0.1"
             self.send_response(302)
-            self.send_header("Location", f"http://localhost:{self.server.server_port}/ok/{name}")
+            self.send_header("Location", f"http://{host}:{self.server.server_port}/ok/{name}")
             self.end_headers()
             return
         body = path.read_bytes()
@@ -104,6 +105,12 @@ class _MirrorHandler(http.server.BaseHTTPRequestHandler):
         elif mode == "notgzip":
             body = gzip.decompress(body)
             length = len(body)
+        elif mode == "badlength":
+            self.send_response(200)
+            self.send_header("Content-Length", "lots")
+            self.end_headers()
+            self.wfile.write(body)
+            return
         elif mode == "wrongsum":
             body = gzip.compress(gzip.decompress(body)[:-1] + b"\x01", mtime=0)
             length = len(body)

@@ -49,7 +49,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "ceiling",
         "ours, channels_last False",
         flipped,
-        "eval",
+        "evaluate",
         "ours/seed-style",
         "ours/ceiling",
         "GFLOP per training image",
@@ -62,7 +62,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "ours",
         "seed-style",
         "ceiling",
-        "eval",
+        "evaluate",
         "ours, channels_last False",
         flipped,
     }

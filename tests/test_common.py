@@ -21,12 +21,21 @@ class Payload:
 
 def test_atomic_write_replaces_only_on_success(tmp_path: Path) -> None:
     target = tmp_path / "out.json"
-    common.write_json({"a": 1}, target)
+    with atomic_path(target) as tmp:
+        tmp.write_text('{"a": 1}')
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:
         tmp.write_text("half-writ")
         raise RuntimeError("crash while writing")
-    assert target.read_text() == '{\n  "a": 1\n}\n'
+    assert target.read_text() == '{"a": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp left
+
+
+def test_temp_folders_of_a_killed_run_are_cleaned_up(tmp_path: Path) -> None:
+    stale = tmp_path / ".raw.abc123.tmp"
+    (stale / "raw").mkdir(parents=True)  # what a SIGKILL during the download leaves
+    with atomic_path(tmp_path / "raw") as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
 def test_atomic_folder(tmp_path: Path) -> None:
@@ -78,6 +87,8 @@ def test_out_of_memory_suggests_a_smaller_batch(
         common.run(train.main)
     assert exit_info.value.code == 1
     assert (
-        "error: out of memory on cpu with train.batch_size = 50: try a smaller train.batch_size"
+        "error: out of memory on cpu with train.batch_size = 50 (train.eval_batch_size = 256):"
+        " try smaller ones"
     ) in capsys.readouterr().err
     assert not (project / "models/model.pt").exists()
+    assert not (project / "reports/train").exists()  # no partial training report either

@@ -33,11 +33,12 @@ def test_file_url_mirror(tmp_path: Path, synthetic_mirror: Path, synthetic_check
     assert sorted(p.name for p in out.iterdir()) == sorted(synthetic_checksums)
 
 
+@pytest.mark.parametrize("mode", ["ok", "samehost", "badlength"])
 def test_http_mirror(
-    tmp_path: Path, http_mirror: str, synthetic_files: dict, synthetic_checksums: dict
+    tmp_path: Path, http_mirror: str, synthetic_files: dict, synthetic_checksums: dict, mode: str
 ) -> None:
     out = tmp_path / "raw"
-    download.download_all([http_mirror + "ok/"], out, 5, synthetic_checksums)
+    download.download_all([http_mirror + mode + "/"], out, 5, synthetic_checksums)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == synthetic_files
 
 
@@ -130,3 +131,20 @@ def test_default_mirrors_are_torchvisions() -> None:
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
         "http://yann.lecun.com/exdb/mnist/",
     ]
+
+
+def test_unreachable_mirror_is_asked_once(
+    tmp_path: Path, synthetic_mirror: Path, synthetic_checksums: dict, capsys: pytest.CaptureFixture
+) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}/"
+    download.download_all([dead, str(synthetic_mirror)], tmp_path / "raw", 5, synthetic_checksums)
+    assert capsys.readouterr().err.count(f"warning: mirror {dead} failed") == 1
+
+
+def test_https_to_http_redirect_is_refused() -> None:
+    import urllib.request
+
+    handler = download._SameHostRedirects()
+    request = urllib.request.Request("https://mirror.example/mnist/a.gz")
+    with pytest.raises(download.MirrorError, match="from https to http"):
+        handler.redirect_request(request, None, 302, "Found", {}, "http://mirror.example/a.gz")

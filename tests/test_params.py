@@ -92,7 +92,7 @@ def test_missing_key_and_missing_section() -> None:
         ({"epochs": "ten"}, "train.epochs = 'ten' is not allowed: an integer"),
         ({"epochs": 2.5}, "train.epochs = 2.5 is not allowed: an integer"),
         ({"epochs": True}, "train.epochs = True is not allowed: an integer"),
-        ({"lr": "fast"}, "train.lr = 'fast' is not allowed: a number"),
+        ({"lr": "fast"}, "train.lr = 'fast' is not allowed: a finite number"),
         ({"nesterov": "yes"}, "train.nesterov = 'yes' is not allowed: true or false"),
         ({"device": "tpu"}, "train.device = 'tpu' is not allowed: one of auto, cpu, cuda, mps"),
         ({"compile": 1}, "train.compile = 1 is not allowed: one of auto, true, false"),

@@ -87,6 +87,12 @@ def test_stratified_split_is_exact_disjoint_and_seeded() -> None:
     assert torch.equal(chosen, again) and not torch.equal(chosen, other)
 
 
+def test_stratified_split_rounds_by_largest_remainder() -> None:
+    labels = torch.tensor([0] * 7 + [1] * 5 + [2] * 3)  # quotas for 5: 2.33, 1.67, 1.0
+    chosen, _ = preprocess.stratified_split(labels, 5, torch.Generator().manual_seed(0))
+    assert torch.bincount(labels[chosen]).tolist() == [2, 2, 1]
+
+
 def make_data(n_train: int = 400, n_test: int = 100):
     train_x, train_y = synthetic_digits(n_train, seed=1)
     test_x, test_y = synthetic_digits(n_test, seed=2)
@@ -107,6 +113,13 @@ def test_make_splits_sizes_dtypes_and_stratification() -> None:
         assert counts.max() - counts.min() <= 1  # synthetic classes are balanced
     everything = preprocess.make_splits(train, test, PreprocessParams(50, 0, 0, seed=0))
     assert len(everything["train"]["labels"]) == 350 and len(everything["test"]["labels"]) == 100
+
+
+def test_test_subset_does_not_depend_on_the_other_splits() -> None:
+    train, test = make_data()
+    a = preprocess.make_splits(train, test, PreprocessParams(50, 0, 30, seed=0))
+    b = preprocess.make_splits(train, test, PreprocessParams(60, 200, 30, seed=0))
+    assert torch.equal(a["test"]["images"], b["test"]["images"])
 
 
 def test_validation_images_are_not_training_images() -> None:

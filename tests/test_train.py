@@ -176,15 +176,18 @@ def test_fingerprint_changes_with_params_and_data(tmp_path: Path) -> None:
     data = tmp_path / "d.pt"
     data.write_bytes(b"one")
     model = train.ModelParams(width=4)
-    base = train.fingerprint(model, tiny_params(), [data])
-    assert base == train.fingerprint(model, tiny_params(), [data])
-    assert base != train.fingerprint(model, tiny_params(lr=0.01), [data])
-    assert base != train.fingerprint(train.ModelParams(width=8), tiny_params(), [data])
+    settings = train.resolve_settings(tiny_params(), CPU)
+    base = train.fingerprint(model, tiny_params(), settings, [data])
+    assert base == train.fingerprint(model, tiny_params(), settings, [data])
+    assert base != train.fingerprint(model, tiny_params(lr=0.01), settings, [data])
+    assert base != train.fingerprint(train.ModelParams(width=8), tiny_params(), settings, [data])
+    other_device = dataclasses.replace(settings, device=torch.device("cuda"))
+    assert base != train.fingerprint(model, tiny_params(), other_device, [data])
     data.write_bytes(b"two")
-    assert base != train.fingerprint(model, tiny_params(), [data])
+    assert base != train.fingerprint(model, tiny_params(), settings, [data])
 
 
-def test_lr_schedule_reaches_zero_at_the_end(tmp_path: Path) -> None:
+def test_lr_logged_per_epoch_follows_the_schedule(tmp_path: Path) -> None:
     _, records = run_fit(tiny_params(epochs=2, warmup_epochs=0), tmp_path / "c.pt")
     assert records[0]["lr"] == pytest.approx(0.05)
     assert records[1]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 0.5)))
