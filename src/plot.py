@@ -63,7 +63,7 @@ def training_curves(history: pd.DataFrame) -> Figure:
     for split, style in (("train", "-o"), ("val", "-s")):
         ax_loss.plot(history.index, history[f"{split}/loss"], style, label=split, markersize=3)
         ax_acc.plot(history.index, 100 * history[f"{split}/acc"], style, label=split, markersize=3)
-    ax_loss.set(title="Loss (cross-entropy, without label smoothing)", xlabel="epoch", ylabel="loss")
+    ax_loss.set(title="Cross-entropy loss (no smoothing)", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

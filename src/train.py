@@ -175,7 +175,8 @@ def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     cuda_graphs = p.cuda_graphs if p.cuda_graphs != "auto" else False
     if cuda_graphs and not (cuda and compile_model):
         raise PipelineError("train.cuda_graphs = true needs a CUDA device and train.compile")
-    fused = p.fused_optimizer if p.fused_optimizer != "auto" else cuda  # one kernel per step
+    # one fused update kernel: measured 4.5% faster than foreach on the 2-core CPU
+    fused = p.fused_optimizer if p.fused_optimizer != "auto" else device.type in ("cuda", "cpu")
     return Settings(device, dtype, channels_last, compile_model, cuda_graphs, fused)
 
 

@@ -52,7 +52,7 @@ def test_atomic_folder(tmp_path: Path) -> None:
 def test_load_torch_is_weights_only(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"x": Payload()}, f)
+        pickle.dump({"x": Payload()}, f, protocol=2)
     with pytest.raises(pickle.UnpicklingError):
         load_torch(path)
     save_torch({"w": torch.ones(2), "meta": {"epoch": 3}}, tmp_path / "ok.pt")
