@@ -141,7 +141,11 @@ def mnist_mirror() -> str:
     mirror = os.environ.get("MNIST_MIRROR")
     if not mirror:
         pytest.skip("set MNIST_MIRROR (e.g. ../shared/mnist) to run the tests on real MNIST")
-    return str(Path(mirror).resolve()) if Path(mirror).exists() else mirror
+    if "://" in mirror:
+        return mirror
+    if not Path(mirror).is_dir():
+        pytest.fail(f"MNIST_MIRROR={mirror} is not a folder (from {Path.cwd()}) nor a URL")
+    return str(Path(mirror).resolve())
 
 
 def write_params(project: Path, overrides: dict) -> None:
