@@ -323,6 +323,11 @@ def main() -> None:
         f"{summary['ours_over_ceiling']:.3f}; {flops / 1e9:.3f} GFLOP per training image, "
         f"{tflops:.4f} TFLOP/s" + (f" = {tflops / peak:.1%} of {peak:.0f} peak" if peak else "")
     )
+    if args.steps < 10 or not 0.5 < summary["ours_over_ceiling"] < 1.5:
+        print(
+            "note: few timed steps or an implausible ratio: the figures are noisy; use "
+            "--steps 10 or more on an otherwise idle machine"
+        )
     print(json.dumps({"bench": summary}))
 
 

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from common import (
     NUM_CLASSES,
@@ -66,6 +67,7 @@ def training_curves(history: pd.DataFrame) -> Figure:
     ax_loss.set(title="Cross-entropy loss (no smoothing)", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
