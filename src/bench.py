@@ -28,7 +28,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -77,9 +77,11 @@ def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devic
     return time.perf_counter() - start
 
 
-def bench_ours(data: train.Data, p: train.TrainParams, width: int, steps: int) -> float:
-    """Images/s of the train stage's loop: a 2-epoch `fit` of `steps` steps each; the
-    first epoch warms up (compilation, cuDNN autotuning), the second is timed."""
+def fit_epochs(
+    data: train.Data, p: train.TrainParams, width: int, steps: int, scratch: str
+) -> Iterator[dict[str, float]]:
+    """The train stage's `fit` on the first `steps` batches of the data: one epoch per
+    `next()`, each of `steps` steps (and a 256-image validation)."""
     n = steps * p.batch_size
     subset = dataclasses.replace(
         data,
@@ -90,10 +92,45 @@ def bench_ours(data: train.Data, p: train.TrainParams, width: int, steps: int) -
     )
     settings = train.resolve_settings(p, data.train_x.device)
     torch.manual_seed(p.seed)
+    net = resnet18(width=width)
+    return train.fit(net, subset, p, settings, Path(scratch) / "ckpt.pt", "bench")
+
+
+def bench_ours(data: train.Data, p: train.TrainParams, width: int, steps: int) -> float:
+    """Images/s of the train stage's loop: a 2-epoch `fit` of `steps` steps each; the
+    first epoch warms up (compilation, cuDNN autotuning), the second is timed."""
     with tempfile.TemporaryDirectory() as scratch:
-        net = resnet18(width=width)
-        records = list(train.fit(net, subset, p, settings, Path(scratch) / "ckpt.pt", "bench"))
+        records = list(fit_epochs(data, p, width, steps, scratch))
     return records[-1]["images_per_s"]
+
+
+def profile_ours(data: train.Data, p: train.TrainParams, width: int, steps: int) -> str:
+    """Where the time of ours goes: torch.profiler over one epoch after a warm-up
+    epoch; the ops that take the most device (or, on a CPU, CPU) time, and how busy
+    the GPU was over the epoch's wall time (far under 100%: the host is the limit)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = data.train_x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with tempfile.TemporaryDirectory() as scratch:
+        epochs = fit_epochs(data, p, width, steps, scratch)
+        next(epochs)  # warm-up: compilation, autotuning
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            record = next(epochs)
+            sync(data.train_x.device)
+            wall = time.perf_counter() - start
+        epochs.close()
+    averages = prof.key_averages()
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    lines = [averages.table(sort_by=sort_by, row_limit=15, max_name_column_width=70)]
+    if cuda:
+        busy = sum(e.self_device_time_total for e in averages) / 1e6
+        lines.append(
+            f"profiled epoch: {wall:.3f} s wall ({record['images_per_s']:.0f} images/s under "
+            f"the profiler), GPU kernels {busy:.3f} s = {busy / wall:.0%} busy"
+        )
+    return "\n".join(lines)
 
 
 def bench_ceiling(
@@ -222,6 +259,11 @@ def parse_args() -> argparse.Namespace:
         "--seed-workers", type=int, default=2, help="DataLoader workers of the seed-style loop"
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one epoch of ours: top ops by device time, GPU busy fraction",
+    )
+    parser.add_argument(
         "--ablate",
         default=None,
         help=f"options to flip from auto, comma-separated, of {', '.join(OPTIONS)}"
@@ -284,6 +326,9 @@ def main() -> None:
     )
     results, memory = {}, {}
     for name, measure in measurements.items():
+        # a fresh compile per measurement: one process compiling many models would
+        # otherwise hit dynamo's recompile limit and silently fall back to eager
+        torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         results[name] = measure()
@@ -328,6 +373,9 @@ def main() -> None:
             "note: few timed steps or an implausible ratio: the figures are noisy; use "
             "--steps 10 or more on an otherwise idle machine"
         )
+    if args.profile:
+        torch._dynamo.reset()
+        print(profile_ours(data, p, args.width, args.steps))
     print(json.dumps({"bench": summary}))
 
 
