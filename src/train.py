@@ -176,7 +176,8 @@ def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     cuda_graphs = p.cuda_graphs if p.cuda_graphs != "auto" else False
     if cuda_graphs and not (cuda and compile_model):
         raise PipelineError("train.cuda_graphs = true needs a CUDA device and train.compile")
-    # one fused update kernel: measured 4.5% faster than foreach on the 2-core CPU
+    # one fused update kernel instead of foreach's several: on the 2-core CPU it measured
+    # 1.00x to 1.05x foreach (within noise), and it is the fast path on CUDA
     fused = p.fused_optimizer if p.fused_optimizer != "auto" else device.type in ("cuda", "cpu")
     return Settings(device, dtype, channels_last, compile_model, cuda_graphs, fused)
 

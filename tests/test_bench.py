@@ -37,6 +37,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
             "0",
             "--ablate",
             "channels_last,precision",
+            "--profile",
         ],
         cwd=project,
     )
@@ -55,6 +56,8 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "GFLOP per training image",
         "TFLOP/s",
         "torch 2.",
+        "Self CPU time total",  # --profile: the op table of one epoch of ours
+        "aten::convolution",
     ):
         assert row in table, row
     summary = json.loads(lines[-1])["bench"]
@@ -71,6 +74,9 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     assert summary["train_gflop_per_image"] > 0 and summary["device"] == "cpu"
     assert summary["fraction_of_peak"] is None  # no GPU peak for a CPU
     assert set(summary["peak_memory_mib"]) == set(summary["images_per_s"])
+    assert summary["repeats"] == 2  # the default: each figure is the best of two
+    assert set(summary["min_over_max"]) == set(summary["images_per_s"])
+    assert all(0 < v <= 1 for v in summary["min_over_max"].values())
 
 
 def test_flop_count_of_resnet18() -> None:
