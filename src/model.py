@@ -51,16 +51,6 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class GlobalAvgPool(nn.Module):
-    """torchvision's `AdaptiveAvgPool2d((1, 1))` written as a mean: the same numbers,
-    but with a deterministic CUDA backward (adaptive_avg_pool2d's is not, so
-    `torch.use_deterministic_algorithms`, i.e. `train.deterministic`, would raise;
-    pytorch/pytorch#108341)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.mean((2, 3), keepdim=True)
-
-
 class ResNet(nn.Module):
     def __init__(
         self, layers: list[int], width: int = 64, num_classes: int = 10, in_channels: int = 1
@@ -80,7 +70,7 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
         self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
-        self.avgpool = GlobalAvgPool()
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(width * 8 * BasicBlock.expansion, num_classes)
 
         for m in self.modules():

@@ -171,8 +171,7 @@ def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     channels_last = p.channels_last if p.channels_last != "auto" else device.type in ("cuda", "cpu")
     # compiling costs minutes on a small CPU and pays off only on GPUs
     compile_model = p.compile if p.compile != "auto" else cuda
-    # CUDA graphs (torch.compile's "reduce-overhead"): off under auto, as measured
-    # by the benchmark's ablation (README, "Speed")
+    # CUDA graphs (torch.compile's "reduce-overhead") are not yet measured: off under auto
     cuda_graphs = p.cuda_graphs if p.cuda_graphs != "auto" else False
     if cuda_graphs and not (cuda and compile_model):
         raise PipelineError("train.cuda_graphs = true needs a CUDA device and train.compile")
