@@ -129,7 +129,14 @@ def profile_ours(data: train.Data, p: train.TrainParams, width: int, steps: int)
         # kernels only: their time also shows as the self device time of the ops that
         # launched them, so summing every row would count it twice (as torch's table does not)
         kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
-        busy = sum(e.self_device_time_total for e in kernels if not e.is_user_annotation) / 1e6
+        busy = (
+            sum(
+                e.self_device_time_total
+                for e in kernels
+                if not getattr(e, "is_user_annotation", False)  # absent in older torch
+            )
+            / 1e6
+        )
         lines.append(
             f"profiled epoch: {wall:.3f} s wall ({record['images_per_s']:.0f} images/s under "
             f"the profiler), GPU kernels {busy:.3f} s = {busy / wall:.0%} busy"
