@@ -108,7 +108,7 @@ def bench_ours(data: train.Data, p: train.TrainParams, width: int, steps: int) -
 def profile_ours(data: train.Data, p: train.TrainParams, width: int, steps: int) -> str:
     """Where the time of ours goes: torch.profiler over one epoch after a warm-up
     epoch; the ops that take the most device (or, on a CPU, CPU) time, and how busy
-    the GPU was over the epoch's wall time (far under 100%: the host is the limit)."""
+    the GPU was over the epoch's wall time (far under 100% means the host is the limit)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = data.train_x.device.type == "cuda"
@@ -126,14 +126,14 @@ def profile_ours(data: train.Data, p: train.TrainParams, width: int, steps: int)
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     lines = [averages.table(sort_by=sort_by, row_limit=15, max_name_column_width=70)]
     if cuda:
-        # kernels only: their time also shows as the self device time of the ops that
-        # launched them, so summing every row would count it twice (as torch's table does not)
-        kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+        # kernel rows only: a kernel's time also shows as the self device time of the op
+        # that launched it, so summing every row would count it twice
         busy = (
             sum(
                 e.self_device_time_total
-                for e in kernels
-                if not getattr(e, "is_user_annotation", False)  # absent in older torch
+                for e in averages
+                if e.device_type == DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False)  # absent in older torch
             )
             / 1e6
         )
