@@ -19,6 +19,17 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def committed_params_text() -> str:
+    """params.yaml as committed: `dvc exp run -S ...` leaves the workspace's copy holding
+    the experiment's values, which are not the project's defaults."""
+    shown = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True
+    )
+    return shown.stdout if shown.returncode == 0 else (ROOT / "params.yaml").read_text()
+
+
 PROJECT_FILES = ["src", "params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"]
 
 # A run small enough for a 2-core CPU in seconds: everything but the sizes as in params.yaml.
@@ -189,5 +200,6 @@ def project(tmp_path: Path) -> Path:
             shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
             shutil.copy(source, dest / name)
+    (dest / "params.yaml").write_text(committed_params_text())  # not an experiment's values
     write_params(dest, TINY)
     return dest

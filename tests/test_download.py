@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import committed_params_text
 
 import download
 from common import PipelineError
@@ -126,7 +127,7 @@ def test_env_mirror_comes_first_and_is_not_repeated() -> None:
 def test_default_mirrors_are_torchvisions() -> None:
     import yaml
 
-    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load(committed_params_text())
     assert params["data"]["mirrors"] == [
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
         "http://yann.lecun.com/exdb/mnist/",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_cmd, write_params
+from conftest import ROOT, committed_params_text, run_cmd, write_params
 
 from common import Paths, PipelineError, load_params, parse_section
 from download import DataParams
@@ -19,7 +19,7 @@ from plot import PlotParams
 from preprocess import PreprocessParams
 from train import ModelParams, TrainParams
 
-DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
+DEFAULTS = yaml.safe_load(committed_params_text())
 STAGE_PARAMS = {
     "download": [DataParams],
     "preprocess": [PreprocessParams],

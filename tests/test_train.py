@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, synthetic_digits
+from conftest import committed_params_text, synthetic_digits
 
 import train
 from common import PipelineError, load_torch, parse_section, pick_device
@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 
 def tiny_params(**changes: object) -> train.TrainParams:
-    defaults = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    defaults = yaml.safe_load(committed_params_text())["train"]
     # fp32 so that results do not depend on the CPU (auto picks bf16 where there is AMX)
     tiny = {
         "epochs": 3,
