@@ -151,7 +151,12 @@ def test_interrupted_training_resumes_to_the_same_model(
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signum)  # during epoch 2 of 4
-    out, err = process.communicate(timeout=60)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # fail, and leave no stuck process behind
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"train.py still running 60 s after signal {signum}:\n{out}{err}")
     assert process.returncode == returncode, out + err
     assert checkpoint.exists() and not model.exists()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,46 @@ def test_lr_logged_per_epoch_follows_the_schedule(tmp_path: Path) -> None:
     _, records = run_fit(tiny_params(epochs=2, warmup_epochs=0), tmp_path / "c.pt")
     assert records[0]["lr"] == pytest.approx(0.05)
     assert records[1]["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # as common.run() handles SIGTERM
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_inside_interrupts_deferred_waits_for_the_block_to_end(signum: int) -> None:
+    previous = signal.signal(signum, raise_interrupt)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt), train.interrupts_deferred():
+            signal.raise_signal(signum)
+            done.append("rest of the block")
+        assert done == ["rest of the block"]
+        assert signal.getsignal(signum) is raise_interrupt  # handlers are put back
+        with train.interrupts_deferred():  # nothing pending: no interrupt
+            pass
+    finally:
+        signal.signal(signum, previous)
+
+
+def test_ctrl_c_during_dvclive_logging_lets_the_epoch_finish_logging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C inside Live.next_step() once left Live.end() joining a queue forever."""
+    from dvclive import Live
+
+    record = {"epoch": 1, "train/loss": 0.5, "val/acc": 0.9}
+    with Live(dir=str(tmp_path), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        make_summary = live.make_summary
+
+        def interrupted_summary(*args: object, **kwargs: object) -> None:
+            signal.raise_signal(signal.SIGINT)
+            make_summary(*args, **kwargs)
+
+        monkeypatch.setattr(live, "make_summary", interrupted_summary)
+        with pytest.raises(KeyboardInterrupt):
+            train.log_epoch(live, record, epochs=3)
+        monkeypatch.undo()
+        assert live.step == 2  # next_step() ran to its end before the interrupt
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["step"] == 1 and summary["val"]["acc"] == 0.9
