@@ -443,11 +443,11 @@ def log_epoch(live: Any, record: dict[str, float], epochs: int) -> None:
     """One DVCLive step (x = epoch) and one console line per epoch.
 
     Not interruptible: `Live.next_step()` puts an item on a queue that `Live.end()`
-    joins (treeverse/dvclive#827), and a KeyboardInterrupt between that put and its
-    notify leaves the join waiting forever, so Ctrl-C right after a checkpoint could
-    hang the stage (seen in the interrupted-training test; a loop that interrupts
-    logging at random moments hung within 10 to 34 tries, and never in 900 with the
-    signals held).
+    joins (treeverse/dvclive#827); a KeyboardInterrupt inside it can leave an item
+    that no worker thread ever takes (none started, or none woken), and the join then
+    waits forever. So Ctrl-C right after a checkpoint could hang the stage (seen in
+    the interrupted-training test; a loop that interrupts logging at random moments
+    hung within 10 to 34 tries, and never in 900 with the signals held).
     """
     with interrupts_deferred():
         live.step = int(record["epoch"])
