@@ -9,8 +9,9 @@ On one device, in one run, measures training images/s for
   ceiling     forward+backward+step on one fixed batch already on the device,
               with the same settings as ours (no data path at all);
 then ours with each option of `--ablate` flipped from what `auto` chose, the
-evaluate stage's images/s, achieved TFLOP/s (and the fraction of the GPU's
-peak), peak memory and the hardware. Prints a table, then one JSON line.
+evaluate stage's images/s (at its batch size, and at the other `auto` choice),
+achieved TFLOP/s (and the fraction of the GPU's peak), peak memory and the
+hardware. Prints a table, then one JSON line.
 
     python src/bench.py                         # the best device here, width 64
     python src/bench.py --device cpu --width 16 --steps 5
@@ -37,7 +38,16 @@ from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from common import RAW_FILES, PipelineError, load_params, load_paths, pick_device, run
+from common import (
+    EVAL_BATCH_AUTO,
+    RAW_FILES,
+    PipelineError,
+    load_params,
+    load_paths,
+    pick_device,
+    resolve_eval_batch,
+    run,
+)
 from evaluate import EvaluateParams
 from model import normalise, predict_logits, resnet18
 
@@ -315,7 +325,7 @@ def main() -> None:
         if o.strip()
     ]
     variants = [flipped(p, settings, option) for option in ablate]
-    eval_batch = load_params(EvaluateParams).batch_size
+    eval_batch = resolve_eval_batch(load_params(EvaluateParams).batch_size, device)
     eval_images = min(len(data.val_y), 2 * args.steps * batch)
 
     measurements = (
@@ -338,11 +348,17 @@ def main() -> None:
         }
         | {"evaluate": lambda: bench_evaluate(data, args.width, eval_images, eval_batch)}
     )
+    # the evaluation batch flipped: the other of the two that `auto` picks from
+    small, large = EVAL_BATCH_AUTO["cpu"], EVAL_BATCH_AUTO["cuda"]
+    other_batch = small if eval_batch != small else large
+    measurements[f"evaluate, batch {other_batch}"] = lambda: bench_evaluate(
+        data, args.width, eval_images, other_batch
+    )
     name = hardware(device)
     memory_label = "peak MiB" if device.type == "cuda" else "RSS MiB"
     print(
         f"{name}; torch {torch.__version__}; width {args.width}, batch {batch}, "
-        f"{args.steps} timed steps; {settings.describe()}"
+        f"{args.steps} timed steps; {settings.describe()}; evaluate batch {eval_batch}"
     )
     print(f"{'measurement':<34}{'images/s':>12}{'vs ours':>10}{memory_label:>10}{'min/max':>10}")
     results, memory, spread = {}, {}, {}

@@ -60,23 +60,38 @@ def check(params: Any, name: str, ok: bool, allowed: str) -> None:
     require(ok, f"{params.SECTION}.{name}", getattr(params, name), allowed)
 
 
+def _expected(hint: Any) -> str:
+    """What a value of type `hint` may be, for error messages."""
+    if typing.get_origin(hint) is Literal:
+        return ", ".join(str(c).lower() for c in typing.get_args(hint))
+    return {bool: "true or false", int: "an integer", float: "a finite number"}.get(
+        hint, "a string"
+    )
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check one value against its type hint; return it converted where that is lossless."""
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # int | Literal["auto"]
+        options = typing.get_args(hint)
+        for option in options:
+            with contextlib.suppress(PipelineError):
+                return _coerce(key, value, option)
+        require(False, key, value, " or ".join(_expected(o) for o in options))
     if origin is Literal:
         choices = typing.get_args(hint)
         # compare types too: YAML's 1 must not pass for True
         ok = any(value == c and type(value) is type(c) for c in choices)
-        require(ok, key, value, "one of " + ", ".join(str(c).lower() for c in choices))
+        require(ok, key, value, "one of " + _expected(hint))
         return value
     if origin is tuple:  # tuple[str, ...]
         item = typing.get_args(hint)[0]
         require(isinstance(value, list), key, value, f"a list of {item.__name__}")
         return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if hint is bool:
-        require(isinstance(value, bool), key, value, "true or false")
+        require(isinstance(value, bool), key, value, _expected(bool))
     elif hint is int:
-        require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        require(isinstance(value, int) and not isinstance(value, bool), key, value, _expected(int))
     elif hint is float:
         # `dvc exp run -S train.lr=1e-06` writes `lr: 1e-06`, which YAML 1.1 (PyYAML)
         # reads as a string: accept any string that Python parses as a number.
@@ -84,10 +99,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             with contextlib.suppress(ValueError):
                 value = float(value)
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        require(is_number and math.isfinite(value), key, value, "a finite number")
+        require(is_number and math.isfinite(value), key, value, _expected(float))
         return float(value)
     elif hint is str:
-        require(isinstance(value, str), key, value, "a string")
+        require(isinstance(value, str), key, value, _expected(str))
     return value
 
 
@@ -172,6 +187,17 @@ def pick_device(requested: str) -> Any:
             f"(torch {torch.__version__}); use 'auto' or 'cpu'"
         )
     return torch.device(requested)
+
+
+# `auto` images per evaluation batch: large batches fill a GPU, while on the 2-core
+# Xeon inference ran 1.3x to 1.5x slower at batch 256 or 1024 than at 32 to 128
+# (README, "Speed"), so a CPU takes 64.
+EVAL_BATCH_AUTO = {"cpu": 64, "cuda": 1024, "mps": 1024}
+
+
+def resolve_eval_batch(requested: int | str, device: Any) -> int:
+    """The evaluation batch size that `requested` ('auto' or a number) means on `device`."""
+    return EVAL_BATCH_AUTO[device.type] if requested == "auto" else int(requested)
 
 
 # --------------------------------------------------------------------------- atomic writes

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import pandas as pd
 import torch
@@ -29,6 +29,7 @@ from common import (
     load_paths,
     load_torch,
     pick_device,
+    resolve_eval_batch,
     run,
 )
 from model import predict_logits, resnet18
@@ -37,11 +38,16 @@ from model import predict_logits, resnet18
 @dataclass(frozen=True)
 class EvaluateParams:
     SECTION: ClassVar[str] = "evaluate"
-    batch_size: int
+    batch_size: int | Literal["auto"]
     device: Device
 
     def __post_init__(self) -> None:
-        check(self, "batch_size", self.batch_size >= 1, "an integer >= 1")
+        check(
+            self,
+            "batch_size",
+            self.batch_size == "auto" or self.batch_size >= 1,
+            "auto or an integer >= 1",
+        )
 
 
 def per_class_table(labels: Tensor, predictions: Tensor) -> pd.DataFrame:
@@ -115,7 +121,7 @@ def main() -> None:
         test["images"].to(device),
         saved["stats"]["mean"],
         saved["stats"]["std"],
-        params.batch_size,
+        resolve_eval_batch(params.batch_size, device),
     ).cpu()
     results = evaluate(logits, test["labels"])
 

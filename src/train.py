@@ -45,6 +45,7 @@ from common import (
     load_paths,
     load_torch,
     pick_device,
+    resolve_eval_batch,
     run,
     save_torch,
     seed_everything,
@@ -83,7 +84,7 @@ class TrainParams:
     cuda_graphs: Auto
     fused_optimizer: Auto
     deterministic: bool
-    eval_batch_size: int
+    eval_batch_size: int | Literal["auto"]
     checkpoint_every: int
 
     def __post_init__(self) -> None:
@@ -106,7 +107,12 @@ class TrainParams:
             f"a number in [0, train.epochs = {self.epochs}]",
         )
         check(self, "max_shift", 0 <= self.max_shift <= 8, "0..8 pixels")
-        check(self, "eval_batch_size", self.eval_batch_size >= 1, "an integer >= 1")
+        check(
+            self,
+            "eval_batch_size",
+            self.eval_batch_size == "auto" or self.eval_batch_size >= 1,
+            "auto or an integer >= 1",
+        )
         check(
             self,
             "checkpoint_every",
@@ -125,6 +131,7 @@ class Settings:
     compile: bool
     cuda_graphs: bool
     fused_optimizer: bool
+    eval_batch_size: int
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -149,7 +156,7 @@ class Settings:
             f"device {self.device}, precision {self.precision}, "
             f"channels_last {self.channels_last}, "
             f"compile {self.compile}, cuda_graphs {self.cuda_graphs}, "
-            f"fused_optimizer {self.fused_optimizer}"
+            f"fused_optimizer {self.fused_optimizer}, eval_batch_size {self.eval_batch_size}"
         )
 
 
@@ -180,7 +187,8 @@ def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     # one fused update kernel instead of foreach's several: on the 2-core CPU it measured
     # 1.00x to 1.05x foreach (within noise), and it is the fast path on CUDA
     fused = p.fused_optimizer if p.fused_optimizer != "auto" else device.type in ("cuda", "cpu")
-    return Settings(device, dtype, channels_last, compile_model, cuda_graphs, fused)
+    eval_batch = resolve_eval_batch(p.eval_batch_size, device)
+    return Settings(device, dtype, channels_last, compile_model, cuda_graphs, fused, eval_batch)
 
 
 # --------------------------------------------------------------------------- data on the device
@@ -389,7 +397,7 @@ def fit(
             data.val_x,
             data.mean,
             data.std,
-            p.eval_batch_size,
+            s.eval_batch_size,
             s.autocast_dtype,
             s.memory_format,
         )
@@ -497,7 +505,7 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 raise PipelineError(
                     f"out of memory on {settings.device} with train.batch_size = {p.batch_size}"
-                    f" (train.eval_batch_size = {p.eval_batch_size}): try smaller ones"
+                    f" (train.eval_batch_size = {settings.eval_batch_size}): try smaller ones"
                 ) from None
             seconds = sum(r["epoch_time_s"] for r in history)
             images = p.epochs * (len(data.train_y) // p.batch_size) * p.batch_size

@@ -17,7 +17,10 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     raw.mkdir(parents=True)
     for name, data in synthetic_files.items():
         (raw / name).write_bytes(data)
-    write_params(project, {"preprocess": {"train_limit": 0, "test_limit": 0}})
+    write_params(
+        project,
+        {"preprocess": {"train_limit": 0, "test_limit": 0}, "evaluate": {"batch_size": "auto"}},
+    )
     run_cmd([sys.executable, "src/preprocess.py"], cwd=project)
     result = run_cmd(
         [
@@ -53,6 +56,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "ours, channels_last False",
         flipped,
         "evaluate",
+        "evaluate, batch 1024",  # the evaluation batch flipped from auto's 64 on a CPU
         "ours/seed-style",
         "ours/ceiling",
         "GFLOP per training image",
@@ -68,6 +72,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "seed-style",
         "ceiling",
         "evaluate",
+        "evaluate, batch 1024",
         "ours, channels_last False",
         flipped,
     }

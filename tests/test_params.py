@@ -99,6 +99,14 @@ def test_missing_key_and_missing_section() -> None:
         ({"lr": 0}, "train.lr = 0.0 is not allowed: a number > 0"),
         ({"lr": -0.1}, "train.lr = -0.1 is not allowed: a number > 0"),
         ({"batch_size": 0}, "train.batch_size = 0 is not allowed: an integer >= 1"),
+        (
+            {"eval_batch_size": "max"},
+            "train.eval_batch_size = 'max' is not allowed: an integer or auto",
+        ),
+        (
+            {"eval_batch_size": 0},
+            "train.eval_batch_size = 0 is not allowed: auto or an integer >= 1",
+        ),
         ({"momentum": 1.0}, "train.momentum = 1.0 is not allowed"),
         ({"label_smoothing": 1}, "train.label_smoothing = 1.0 is not allowed"),
         ({"warmup_epochs": 99}, "train.warmup_epochs = 99.0 is not allowed"),
@@ -130,6 +138,11 @@ def test_wrong_type_or_range_names_key_value_and_allowed(changes: dict, message:
         (DataParams, {"mirrors": "http://x/", "timeout_s": 3}, "a list of str"),
         (DataParams, {"mirrors": ["http://x/"], "timeout_s": 0}, "data.timeout_s = 0.0"),
         (EvaluateParams, {"batch_size": -1, "device": "cpu"}, "evaluate.batch_size = -1"),
+        (
+            EvaluateParams,
+            {"batch_size": 2.0, "device": "cpu"},
+            "evaluate.batch_size = 2.0 is not allowed: an integer or auto",
+        ),
         (PlotParams, {"max_misclassified": 0, "dpi": 100}, "plot.max_misclassified = 0"),
     ],
 )

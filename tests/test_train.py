@@ -16,7 +16,7 @@ import yaml
 from conftest import committed_params_text, synthetic_digits
 
 import train
-from common import PipelineError, load_torch, parse_section, pick_device
+from common import PipelineError, load_torch, parse_section, pick_device, resolve_eval_batch
 from model import resnet18
 from preprocess import normalisation_stats, resize
 
@@ -101,6 +101,10 @@ def test_auto_settings_on_cpu_and_missing_devices() -> None:
     forced = train.resolve_settings(tiny_params(precision="bf16", channels_last=False), CPU)
     assert forced.autocast_dtype == torch.bfloat16 and not forced.channels_last
     assert train.resolve_settings(tiny_params(precision="fp32"), CPU).autocast_dtype is None
+    # evaluation batch: small on a CPU (faster there), large on a GPU, or as given
+    assert train.resolve_settings(tiny_params(eval_batch_size="auto"), CPU).eval_batch_size == 64
+    assert train.resolve_settings(tiny_params(eval_batch_size=256), CPU).eval_batch_size == 256
+    assert resolve_eval_batch("auto", torch.device("cuda")) == 1024
     for name, available in (
         ("cuda", torch.cuda.is_available()),
         ("mps", torch.backends.mps.is_available()),
