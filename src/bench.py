@@ -328,32 +328,32 @@ def main() -> None:
     eval_batch = resolve_eval_batch(load_params(EvaluateParams).batch_size, device)
     eval_images = min(len(data.val_y), 2 * args.steps * batch)
 
-    measurements = (
-        {
-            "ours": lambda: bench_ours(data, p, args.width, args.steps),
-            "seed-style": lambda: bench_seed_style(
-                Path(paths.raw),
-                device,
-                args.width,
-                batch,
-                args.seed_workers,
-                args.warmup,
-                args.steps,
-            ),
-            "ceiling": lambda: bench_ceiling(data, p, args.width, args.warmup, args.steps),
-        }
-        | {
-            f"ours, {label}": (lambda v=variant: bench_ours(data, v, args.width, args.steps))
-            for label, variant in variants
-        }
-        | {"evaluate": lambda: bench_evaluate(data, args.width, eval_images, eval_batch)}
-    )
     # the evaluation batch flipped: the other of the two that `auto` picks from
     small, large = EVAL_BATCH_AUTO["cpu"], EVAL_BATCH_AUTO["cuda"]
     other_batch = small if eval_batch != small else large
-    measurements[f"evaluate, batch {other_batch}"] = lambda: bench_evaluate(
-        data, args.width, eval_images, other_batch
-    )
+
+    # the ablations come last: on a GPU each compiles anew, so a run cut short by a
+    # time limit (a GPU session) loses only some of them
+    measurements = {
+        "ours": lambda: bench_ours(data, p, args.width, args.steps),
+        "seed-style": lambda: bench_seed_style(
+            Path(paths.raw),
+            device,
+            args.width,
+            batch,
+            args.seed_workers,
+            args.warmup,
+            args.steps,
+        ),
+        "ceiling": lambda: bench_ceiling(data, p, args.width, args.warmup, args.steps),
+        "evaluate": lambda: bench_evaluate(data, args.width, eval_images, eval_batch),
+        f"evaluate, batch {other_batch}": lambda: bench_evaluate(
+            data, args.width, eval_images, other_batch
+        ),
+    } | {
+        f"ours, {label}": (lambda v=variant: bench_ours(data, v, args.width, args.steps))
+        for label, variant in variants
+    }
     name = hardware(device)
     memory_label = "peak MiB" if device.type == "cuda" else "RSS MiB"
     print(
