@@ -326,14 +326,13 @@ def main() -> None:
     ]
     variants = [flipped(p, settings, option) for option in ablate]
     eval_batch = resolve_eval_batch(load_params(EvaluateParams).batch_size, device)
-    eval_images = min(len(data.val_y), 2 * args.steps * batch)
-
     # the evaluation batch flipped: the other of the two that `auto` picks from
     small, large = EVAL_BATCH_AUTO["cpu"], EVAL_BATCH_AUTO["cuda"]
     other_batch = small if eval_batch != small else large
+    eval_images = min(len(data.val_y), max(2 * args.steps * batch, 2 * large))
+    if eval_images >= large:
+        eval_images -= eval_images % large  # whole batches at either size
 
-    # the ablations come last: on a GPU each compiles anew, so a run cut short by a
-    # time limit (a GPU session) loses only some of them
     measurements = {
         "ours": lambda: bench_ours(data, p, args.width, args.steps),
         "seed-style": lambda: bench_seed_style(
@@ -346,19 +345,30 @@ def main() -> None:
             args.steps,
         ),
         "ceiling": lambda: bench_ceiling(data, p, args.width, args.warmup, args.steps),
+    }
+    evaluate_rows = {
         "evaluate": lambda: bench_evaluate(data, args.width, eval_images, eval_batch),
         f"evaluate, batch {other_batch}": lambda: bench_evaluate(
             data, args.width, eval_images, other_batch
         ),
-    } | {
+    }
+    ablation_rows = {
         f"ours, {label}": (lambda v=variant: bench_ours(data, v, args.width, args.steps))
         for label, variant in variants
     }
+    if device.type == "cuda":
+        # ablations last: each compiles anew, so a run cut short by a time limit (a GPU
+        # session) loses only some of them
+        measurements |= evaluate_rows | ablation_rows
+    else:
+        # evaluate last: a CPU's memory column is the process's peak so far, which a
+        # large evaluation batch would raise for every row after it
+        measurements |= ablation_rows | evaluate_rows
     name = hardware(device)
     memory_label = "peak MiB" if device.type == "cuda" else "RSS MiB"
     print(
         f"{name}; torch {torch.__version__}; width {args.width}, batch {batch}, "
-        f"{args.steps} timed steps; {settings.describe()}; evaluate batch {eval_batch}"
+        f"{args.steps} timed steps; {settings.describe()}; evaluate stage batch {eval_batch}"
     )
     print(f"{'measurement':<34}{'images/s':>12}{'vs ours':>10}{memory_label:>10}{'min/max':>10}")
     results, memory, spread = {}, {}, {}
@@ -391,6 +401,7 @@ def main() -> None:
         "batch_size": batch,
         "steps": args.steps,
         "settings": settings.describe(),
+        "evaluate_batch_size": eval_batch,
         "seed_workers": args.seed_workers,
         "images_per_s": {k: round(v, 2) for k, v in results.items()},
         "ours_over_seed_style": round(results["ours"] / results["seed-style"], 3),

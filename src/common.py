@@ -103,6 +103,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return float(value)
     elif hint is str:
         require(isinstance(value, str), key, value, _expected(str))
+    else:
+        raise TypeError(f"{key}: params of type {hint!r} are not supported")
     return value
 
 
@@ -190,12 +192,12 @@ def pick_device(requested: str) -> Any:
 
 
 # `auto` images per evaluation batch: large batches fill a GPU, while on the 2-core
-# Xeon inference ran 1.3x to 1.5x slower at batch 256 or 1024 than at 32 to 128
-# (README, "Speed"), so a CPU takes 64.
+# Xeon inference ran 1.2x to 1.5x slower at batch 256 and up than at 32 or 64
+# (README, "Speed"; reports/bench/cpu-eval-batch.txt), so a CPU takes 64.
 EVAL_BATCH_AUTO = {"cpu": 64, "cuda": 1024, "mps": 1024}
 
 
-def resolve_eval_batch(requested: int | str, device: Any) -> int:
+def resolve_eval_batch(requested: int | Literal["auto"], device: Any) -> int:
     """The evaluation batch size that `requested` ('auto' or a number) means on `device`."""
     return EVAL_BATCH_AUTO[device.type] if requested == "auto" else int(requested)
 
@@ -243,14 +245,52 @@ def load_torch(path: str | Path) -> Any:
         raise PipelineError(f"{path} not found: run the stage that makes it first") from None
 
 
-def run(main: Callable[[], None]) -> None:
-    """Run a stage's main(): a PipelineError becomes one line on stderr and exit 1;
-    SIGTERM is handled like Ctrl-C so that `finally` blocks run."""
+# --------------------------------------------------------------------------- interrupts
 
-    def on_sigterm(signum: int, frame: types.FrameType | None) -> None:
+# Ctrl-C and SIGTERM raise KeyboardInterrupt, except inside interrupts_deferred(),
+# where they wait in _pending until the outermost such block ends.
+_deferring = 0
+_pending: list[int] = []
+
+
+def _on_interrupt(signum: int, frame: types.FrameType | None) -> None:
+    if _deferring:
+        _pending.append(signum)
+    else:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+
+def install_interrupt_handlers() -> None:
+    """SIGTERM like Ctrl-C (so that `finally` blocks run), both deferrable. A SIGINT
+    that the parent set to be ignored (a background job) stays ignored."""
+    signal.signal(signal.SIGTERM, _on_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_interrupt)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Run the block whole: a Ctrl-C or SIGTERM that arrives inside it is raised as
+    KeyboardInterrupt when the block ends (replacing any exception the block raised:
+    the user asked to stop). Needs the handlers of install_interrupt_handlers(),
+    which run() installs; nests. The count is per process: use it on the main
+    thread, which is where signals are handled."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending:
+            signum = _pending[0]
+            _pending.clear()
+            raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage's main(): a PipelineError becomes one line on stderr and exit 1,
+    Ctrl-C or SIGTERM exit 130 (after `finally` blocks ran)."""
+    install_interrupt_handlers()
     try:
         main()
     except PipelineError as error:

@@ -46,7 +46,7 @@ class EvaluateParams:
             self,
             "batch_size",
             self.batch_size == "auto" or self.batch_size >= 1,
-            "auto or an integer >= 1",
+            "an integer >= 1 or auto",
         )
 
 

@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,3 +206,13 @@ def project(tmp_path: Path) -> Path:
     (dest / "params.yaml").write_text(committed_params_text())  # not an experiment's values
     write_params(dest, TINY)
     return dest
+
+
+@pytest.fixture
+def interrupt_handlers() -> Iterator[None]:
+    """The stages' Ctrl-C/SIGTERM handlers (common.run() installs them), put back after."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    common.install_interrupt_handlers()
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)

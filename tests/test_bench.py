@@ -79,6 +79,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     assert all(v > 0 for v in summary["images_per_s"].values())
     assert summary["ours_over_seed_style"] > 0 and summary["ours_over_ceiling"] > 0
     assert summary["train_gflop_per_image"] > 0 and summary["device"] == "cpu"
+    assert summary["evaluate_batch_size"] == 64  # auto on a CPU; the other row: 1024
     assert summary["fraction_of_peak"] is None  # no GPU peak for a CPU
     assert set(summary["peak_memory_mib"]) == set(summary["images_per_s"])
     assert summary["repeats"] == 2  # the default: each figure is the best of two

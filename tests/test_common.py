@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import signal
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,28 @@ def test_out_of_memory_suggests_a_smaller_batch(
     ) in capsys.readouterr().err
     assert not (project / "models/model.pt").exists()
     assert not (project / "reports/train").exists()  # no partial training report either
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_inside_interrupts_deferred_waits_for_the_outer_block_to_end(
+    interrupt_handlers: None, signum: int
+) -> None:
+    done = []
+    with pytest.raises(KeyboardInterrupt, match=f"signal {int(signum)}"):  # noqa: SIM117
+        with common.interrupts_deferred():
+            with common.interrupts_deferred():  # nested: held until the outer block ends
+                signal.raise_signal(signum)
+                done.append("inner block")
+            done.append("outer block")
+    assert done == ["inner block", "outer block"]
+    with common.interrupts_deferred():  # nothing pending: nothing raised
+        pass
+    with pytest.raises(KeyboardInterrupt):  # outside a block: at once
+        signal.raise_signal(signum)
+
+
+def test_a_sigint_the_parent_ignores_stays_ignored(interrupt_handlers: None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a background job
+    common.install_interrupt_handlers()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import ROOT, committed_params_text, run_cmd, write_params
 
+import common
 from common import Paths, PipelineError, load_params, parse_section
 from download import DataParams
 from evaluate import EvaluateParams
@@ -105,7 +106,11 @@ def test_missing_key_and_missing_section() -> None:
         ),
         (
             {"eval_batch_size": 0},
-            "train.eval_batch_size = 0 is not allowed: auto or an integer >= 1",
+            "train.eval_batch_size = 0 is not allowed: an integer >= 1 or auto",
+        ),
+        (
+            {"eval_batch_size": True},
+            "train.eval_batch_size = True is not allowed: an integer or auto",
         ),
         ({"momentum": 1.0}, "train.momentum = 1.0 is not allowed"),
         ({"label_smoothing": 1}, "train.label_smoothing = 1.0 is not allowed"),
@@ -178,3 +183,10 @@ def test_missing_device_is_an_error_not_a_fallback(project: Path) -> None:
     result = run_cmd([sys.executable, "src/train.py"], cwd=project, check=False)
     assert result.returncode == 1
     assert "error: device 'cuda' was asked for but torch sees none" in result.stderr
+
+
+def test_a_param_type_the_parser_does_not_know_is_a_programming_error() -> None:
+    with pytest.raises(TypeError, match="not supported"):
+        common._coerce("section.key", "x", int | None)
+    with pytest.raises(TypeError, match="not supported"):
+        common._coerce("section.key", [1], list)
