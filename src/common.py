@@ -192,7 +192,7 @@ def pick_device(requested: str) -> Any:
 
 
 # `auto` images per evaluation batch: large batches fill a GPU, while on the 2-core
-# Xeon inference ran 1.2x to 1.5x slower at batch 256 and up than at 32 or 64
+# Xeon inference ran 1.2x to 1.6x slower at batch 256 and up than at 32 or 64
 # (README, "Speed"; reports/bench/cpu-eval-batch.txt), so a CPU takes 64.
 EVAL_BATCH_AUTO = {"cpu": 64, "cuda": 1024, "mps": 1024}
 
