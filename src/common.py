@@ -60,6 +60,9 @@ def check(params: Any, name: str, ok: bool, allowed: str) -> None:
     require(ok, f"{params.SECTION}.{name}", getattr(params, name), allowed)
 
 
+_PLAIN = (bool, int, float, str)  # the plain types a param may have
+
+
 def _expected(hint: Any) -> str:
     """What a value of type `hint` may be, for error messages."""
     if typing.get_origin(hint) is Literal:
@@ -74,6 +77,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):  # int | Literal["auto"]
         options = typing.get_args(hint)
+        for option in options:  # every member supported, whichever one matches
+            if typing.get_origin(option) not in (Literal, tuple) and option not in _PLAIN:
+                raise TypeError(f"{key}: params of type {option!r} are not supported")
         for option in options:
             with contextlib.suppress(PipelineError):
                 return _coerce(key, value, option)
@@ -257,6 +263,7 @@ def _on_interrupt(signum: int, frame: types.FrameType | None) -> None:
     if _deferring:
         _pending.append(signum)
     else:
+        _pending.clear()  # one that came as a block ended: raised now, not again later
         raise KeyboardInterrupt(f"signal {signum}")
 
 

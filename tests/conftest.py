@@ -212,7 +212,10 @@ def project(tmp_path: Path) -> Path:
 def interrupt_handlers() -> Iterator[None]:
     """The stages' Ctrl-C/SIGTERM handlers (common.run() installs them), put back after."""
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if pytest runs in `&`
     common.install_interrupt_handlers()
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
+    common._deferring = 0
+    common._pending.clear()

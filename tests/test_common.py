@@ -63,7 +63,10 @@ def test_load_torch_is_weights_only(tmp_path: Path) -> None:
 
 
 def test_out_of_memory_suggests_a_smaller_batch(
-    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    project: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    interrupt_handlers: None,  # run() installs them; put back after
 ) -> None:
     processed = project / "data/processed"
     processed.mkdir(parents=True)
@@ -115,6 +118,7 @@ def test_a_signal_inside_interrupts_deferred_waits_for_the_outer_block_to_end(
 
 def test_a_sigint_the_parent_ignores_stays_ignored(interrupt_handlers: None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a background job
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     common.install_interrupt_handlers()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is common._on_interrupt

@@ -187,6 +187,6 @@ def test_missing_device_is_an_error_not_a_fallback(project: Path) -> None:
 
 def test_a_param_type_the_parser_does_not_know_is_a_programming_error() -> None:
     with pytest.raises(TypeError, match="not supported"):
-        common._coerce("section.key", "x", int | None)
+        common._coerce("section.key", 5, int | None)  # even where int would match
     with pytest.raises(TypeError, match="not supported"):
         common._coerce("section.key", [1], list)

@@ -146,6 +146,8 @@ def test_interrupted_training_resumes_to_the_same_model(
         stderr=subprocess.PIPE,
         text=True,
         env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        # Ctrl-C as in a terminal, even where pytest itself runs with SIGINT ignored (`&`)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:

@@ -218,6 +218,7 @@ def test_ctrl_c_while_dvclive_queues_a_step_does_not_hang_its_end(
         time.sleep(0.1)  # the worker is waiting for the next item
 
         def put_interrupted(item: object, block: bool = True, timeout: object = None) -> None:
+            monkeypatch.undo()  # once only: Live.end() must not meet it whatever happens
             with steps.not_full:  # Queue.put, with the signal before its notify
                 steps._put(item)
                 steps.unfinished_tasks += 1
@@ -227,7 +228,6 @@ def test_ctrl_c_while_dvclive_queues_a_step_does_not_hang_its_end(
         monkeypatch.setattr(steps, "put", put_interrupted)
         with pytest.raises(KeyboardInterrupt):
             train.log_epoch(live, record | {"epoch": 2}, epochs=2)
-        monkeypatch.undo()
         wait_until(lambda: steps.unfinished_tasks == 0)
         lost = steps.unfinished_tasks
         steps.unfinished_tasks = 0  # so that leaving `with` cannot hang this test
