@@ -75,11 +75,12 @@ def _expected(hint: Any) -> str:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check one value against its type hint; return it converted where that is lossless."""
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):  # int | Literal["auto"]
-        options = typing.get_args(hint)
-        for option in options:  # every member supported, whichever one matches
-            if typing.get_origin(option) not in (Literal, tuple) and option not in _PLAIN:
-                raise TypeError(f"{key}: params of type {option!r} are not supported")
+    union = origin in (typing.Union, types.UnionType)  # int | Literal["auto"]
+    options = typing.get_args(hint) if union else (hint,)
+    for option in options:  # every member of a union, whichever one matches
+        if typing.get_origin(option) not in (Literal, tuple) and option not in _PLAIN:
+            raise TypeError(f"{key}: params of type {option!r} are not supported")
+    if union:
         for option in options:
             with contextlib.suppress(PipelineError):
                 return _coerce(key, value, option)
@@ -109,8 +110,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return float(value)
     elif hint is str:
         require(isinstance(value, str), key, value, _expected(str))
-    else:
-        raise TypeError(f"{key}: params of type {hint!r} are not supported")
     return value
 
 

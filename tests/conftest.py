@@ -12,7 +12,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,13 @@ def write_params(project: Path, overrides: dict) -> None:
     for section, values in overrides.items():
         params[section].update(values)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """Poll `condition` until it holds or `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def run_cmd(

@@ -9,13 +9,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import run_cmd, write_params
+from conftest import run_cmd, wait_until, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -149,9 +148,7 @@ def test_interrupted_training_resumes_to_the_same_model(
         # Ctrl-C as in a terminal, even where pytest itself runs with SIGINT ignored (`&`)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: checkpoint.exists() or process.poll() is not None, seconds=120)
     process.send_signal(signum)  # during epoch 2 of 4
     try:
         out, err = process.communicate(timeout=60)

@@ -9,13 +9,12 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import committed_params_text, synthetic_digits
+from conftest import committed_params_text, synthetic_digits, wait_until
 
 import train
 from common import PipelineError, load_torch, parse_section, pick_device, resolve_eval_batch
@@ -235,9 +234,3 @@ def test_ctrl_c_while_dvclive_queues_a_step_does_not_hang_its_end(
         assert live.step == 3  # epoch 2 was logged whole before the interrupt
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["step"] == 2 and summary["val"]["acc"] == 0.9
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
