@@ -9,7 +9,8 @@ On one device, in one run, measures training images/s for
   ceiling     forward+backward+step on one fixed batch already on the device,
               with the same settings as ours (no data path at all);
 then ours with each option of `--ablate` flipped from what `auto` chose, the
-evaluate stage's images/s (at its batch size, and at the other `auto` choice),
+evaluate stage's images/s (as `auto` resolves it, at the other `auto` batch size,
+and with each of `--ablate`'s precision and channels_last flipped),
 achieved TFLOP/s (and the fraction of the GPU's peak), peak memory and the
 hardware. Prints a table, then one JSON line.
 
@@ -37,6 +38,7 @@ from torch import nn
 from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
 
+import evaluate
 import train
 from common import (
     EVAL_BATCH_AUTO,
@@ -45,11 +47,9 @@ from common import (
     load_params,
     load_paths,
     pick_device,
-    resolve_eval_batch,
     run,
 )
-from evaluate import EvaluateParams
-from model import normalise, predict_logits, resnet18
+from model import normalise, resnet18
 
 # Dense peak TFLOP/s by GPU name and autocast precision (vendor data sheets, SXM parts).
 # "fp32" is TF32: cuDNN runs fp32 convolutions on TF32 tensor cores by default.
@@ -221,11 +221,13 @@ def bench_seed_style(
         return steps * batch_size / timed(step, warmup, steps, device)
 
 
-def bench_evaluate(data: train.Data, width: int, images: int, batch_size: int) -> float:
-    """Images/s of the evaluate stage's inference: fp32, eager, its batch size."""
-    net = resnet18(width=width).to(data.val_x.device)
+def bench_evaluate(data: train.Data, width: int, images: int, s: evaluate.Settings) -> float:
+    """Images/s of the evaluate stage's inference (`evaluate.inference_logits`) run as `s`
+    says, on the first `images` validation images."""
+    net = resnet18(width=width)
     x = data.val_x[:images]
-    seconds = timed(lambda: predict_logits(net, x, data.mean, data.std, batch_size), 1, 1, x.device)
+    stats = {"mean": data.mean, "std": data.std}
+    seconds = timed(lambda: evaluate.inference_logits(net, x, stats, s), 1, 1, x.device)
     return len(x) / seconds
 
 
@@ -252,16 +254,28 @@ def hardware(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
+def flipped_precision(precision: str) -> tuple[str, dict]:
+    """A label and the change that flips a resolved precision: mixed <-> fp32."""
+    other = "bf16" if precision == "fp32" else "fp32"
+    return f"precision {other}", {"precision": other}
+
+
+def flipped_switch(option: str, value: bool) -> tuple[str, dict]:
+    """A label and the change that flips an on/off option."""
+    return f"{option} {not value}", {option: not value}
+
+
 def flipped(p: train.TrainParams, s: train.Settings, option: str) -> tuple[str, train.TrainParams]:
     """`p` with `option` set opposite to what auto chose, and a label for it."""
-    if option == "precision":
-        other = "fp32" if s.autocast_dtype is not None else "bf16"
-        return f"precision {other}", dataclasses.replace(p, precision=other)
     if option not in OPTIONS:
         raise PipelineError(f"--ablate: unknown option '{option}' (one of {', '.join(OPTIONS)})")
-    value = not getattr(s, option)
-    changes = {option: value} | ({"compile": True} if option == "cuda_graphs" and value else {})
-    return f"{option} {value}", dataclasses.replace(p, **changes)
+    if option == "precision":
+        label, changes = flipped_precision(s.precision)
+    else:
+        label, changes = flipped_switch(option, getattr(s, option))
+    if option == "cuda_graphs" and changes["cuda_graphs"]:
+        changes["compile"] = True  # CUDA graphs come with torch.compile
+    return label, dataclasses.replace(p, **changes)
 
 
 def parse_args() -> argparse.Namespace:
@@ -325,10 +339,21 @@ def main() -> None:
         if o.strip()
     ]
     variants = [flipped(p, settings, option) for option in ablate]
-    eval_batch = resolve_eval_batch(load_params(EvaluateParams).batch_size, device)
+    eval_settings = evaluate.resolve_settings(load_params(evaluate.EvaluateParams), device)
+    eval_batch = eval_settings.batch_size
     # the evaluation batch flipped: the other of the two that `auto` picks from
     small, large = EVAL_BATCH_AUTO["cpu"], EVAL_BATCH_AUTO["cuda"]
     other_batch = small if eval_batch != small else large
+    eval_variants = {"evaluate": eval_settings} | {
+        f"evaluate, {label}": dataclasses.replace(eval_settings, **change)
+        for option, label, change in (
+            ("precision", *flipped_precision(eval_settings.precision)),
+            ("channels_last", *flipped_switch("channels_last", eval_settings.channels_last)),
+            # last: a larger batch raises a CPU's peak-memory column for every row after it
+            ("batch", f"batch {other_batch}", {"batch_size": other_batch}),
+        )
+        if option == "batch" or option in ablate
+    }
     eval_images = min(len(data.val_y), max(2 * args.steps * batch, 2 * large))
     if eval_images >= large:
         eval_images -= eval_images % large  # whole batches at either size
@@ -347,10 +372,8 @@ def main() -> None:
         "ceiling": lambda: bench_ceiling(data, p, args.width, args.warmup, args.steps),
     }
     evaluate_rows = {
-        "evaluate": lambda: bench_evaluate(data, args.width, eval_images, eval_batch),
-        f"evaluate, batch {other_batch}": lambda: bench_evaluate(
-            data, args.width, eval_images, other_batch
-        ),
+        label: (lambda v=variant: bench_evaluate(data, args.width, eval_images, v))
+        for label, variant in eval_variants.items()
     }
     ablation_rows = {
         f"ours, {label}": (lambda v=variant: bench_ours(data, v, args.width, args.steps))
@@ -368,9 +391,11 @@ def main() -> None:
     memory_label = "peak MiB" if device.type == "cuda" else "RSS MiB"
     print(
         f"{name}; torch {torch.__version__}; width {args.width}, batch {batch}, "
-        f"{args.steps} timed steps; {settings.describe()}; evaluate stage batch {eval_batch}"
+        f"{args.steps} timed steps; {settings.describe()}; "
+        f"evaluate stage: {eval_settings.describe()}"
     )
-    print(f"{'measurement':<34}{'images/s':>12}{'vs ours':>10}{memory_label:>10}{'min/max':>10}")
+    # vs auto: a training row against ours, an evaluate row against the evaluate stage as is
+    print(f"{'measurement':<34}{'images/s':>12}{'vs auto':>10}{memory_label:>10}{'min/max':>10}")
     results, memory, spread = {}, {}, {}
     for key, measure in measurements.items():
         # a fresh compile per measurement: one process compiling many models would
@@ -384,7 +409,7 @@ def main() -> None:
         results[key], spread[key] = max(values), min(values) / max(values)
         memory[key] = peak_memory_mib(device)
         # each row as soon as it is measured: a run cut short still shows what it got
-        ratio = results[key] / results["ours"]
+        ratio = results[key] / results["evaluate" if key.startswith("evaluate") else "ours"]
         print(
             f"{key:<34}{results[key]:>12.1f}{ratio:>10.3f}{memory[key]:>10.0f}{spread[key]:>10.3f}",
             flush=True,
@@ -401,7 +426,7 @@ def main() -> None:
         "batch_size": batch,
         "steps": args.steps,
         "settings": settings.describe(),
-        "evaluate_batch_size": eval_batch,
+        "evaluate_settings": eval_settings.describe(),
         "seed_workers": args.seed_workers,
         "images_per_s": {k: round(v, 2) for k, v in results.items()},
         "ours_over_seed_style": round(results["ours"] / results["seed-style"], 3),

@@ -6,6 +6,11 @@ Outputs: `paths.eval_report`/
            per_class.csv      precision, recall (= per-class accuracy), F1, support
            confusion.csv      one row per test image: actual, predicted (DVC `confusion`)
            misclassified.csv  index into test.pt, actual, predicted, confidence
+
+Inference runs in batches with mixed precision and channels_last where `auto`
+finds the device gains from them, by the train stage's rules. bf16 can move a
+prediction or two against fp32 (1 of 10,000 test images in README, "Speed");
+`evaluate.precision: fp32` gives exact fp32 metrics.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ from torch import Tensor
 
 from common import (
     NUM_CLASSES,
+    Auto,
     Device,
+    Precision,
     atomic_path,
+    autocast_dtype,
     check,
     load_params,
     load_paths,
     load_torch,
     pick_device,
+    resolve_channels_last,
     resolve_eval_batch,
+    resolve_precision,
     run,
 )
 from model import predict_logits, resnet18
@@ -40,6 +50,8 @@ class EvaluateParams:
     SECTION: ClassVar[str] = "evaluate"
     batch_size: int | Literal["auto"]
     device: Device
+    precision: Precision
+    channels_last: Auto
 
     def __post_init__(self) -> None:
         check(
@@ -48,6 +60,47 @@ class EvaluateParams:
             self.batch_size == "auto" or self.batch_size >= 1,
             "an integer >= 1 or auto",
         )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `auto` resolved to on this device (the same rules as the train stage's)."""
+
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16 (autocast)
+    channels_last: bool
+    batch_size: int
+
+    def describe(self) -> str:
+        return (
+            f"device {self.device}, precision {self.precision}, "
+            f"channels_last {self.channels_last}, batch_size {self.batch_size}"
+        )
+
+
+def resolve_settings(p: EvaluateParams, device: torch.device) -> Settings:
+    return Settings(
+        device,
+        resolve_precision(p.precision, device),
+        resolve_channels_last(p.channels_last, device),
+        resolve_eval_batch(p.batch_size, device),
+    )
+
+
+def inference_logits(net: torch.nn.Module, images: Tensor, stats: dict, s: Settings) -> Tensor:
+    """Logits (float32, on the CPU) of `net` for the uint8 test `images`, run as `s` says."""
+    layout = torch.channels_last if s.channels_last else torch.contiguous_format
+    net = net.to(s.device, memory_format=layout)
+    logits = predict_logits(
+        net,
+        images.to(s.device),
+        stats["mean"],
+        stats["std"],
+        s.batch_size,
+        autocast_dtype(s.precision),
+        layout,
+    )
+    return logits.cpu()
 
 
 def per_class_table(labels: Tensor, predictions: Tensor) -> pd.DataFrame:
@@ -113,16 +166,11 @@ def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module,
 def main() -> None:
     params = load_params(EvaluateParams)
     paths = load_paths()
-    device = pick_device(params.device)
-    net, saved = load_model(paths.model, device)
+    settings = resolve_settings(params, pick_device(params.device))
+    print(f"evaluating: {settings.describe()}")
+    net, saved = load_model(paths.model, settings.device)
     test = load_torch(Path(paths.processed) / "test.pt")
-    logits = predict_logits(
-        net,
-        test["images"].to(device),
-        saved["stats"]["mean"],
-        saved["stats"]["std"],
-        resolve_eval_batch(params.batch_size, device),
-    ).cpu()
+    logits = inference_logits(net, test["images"], saved["stats"], settings)
     results = evaluate(logits, test["labels"])
 
     with atomic_path(paths.eval_report) as tmp:

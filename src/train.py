@@ -35,23 +35,26 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from common import (
+    Auto,
     Device,
     PipelineError,
+    Precision,
     atomic_path,
+    autocast_dtype,
     check,
     interrupts_deferred,
     load_params,
     load_paths,
     load_torch,
     pick_device,
+    resolve_channels_last,
     resolve_eval_batch,
+    resolve_precision,
     run,
     save_torch,
     seed_everything,
 )
 from model import normalise, predict_logits, resnet18
-
-Auto = Literal["auto", True, False]
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class TrainParams:
     max_shift: int
     seed: int
     device: Device
-    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    precision: Precision
     channels_last: Auto
     compile: Auto
     cuda_graphs: Auto
@@ -159,24 +162,11 @@ class Settings:
         )
 
 
-def cpu_has_amx() -> bool:
-    """Intel AMX: tile matrix units that run bf16 matmuls and convolutions in hardware."""
-    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(supported and supported())
-
-
 def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     """Resolve the `auto` options for `device`, as measured (README, "Speed")."""
     cuda = device.type == "cuda"
-    # bf16 autocast: on GPUs it doubles tensor-core throughput; on a CPU with AMX it
-    # trained 2.35x faster than fp32 (Xeon, 2 threads, width 64); on CPUs without
-    # AVX-512/AMX it is ~14x slower; on MPS it is unmeasured. So: per device.
-    precision = p.precision
-    if precision == "auto":
-        gains = torch.cuda.is_bf16_supported() if cuda else device.type == "cpu" and cpu_has_amx()
-        precision = "bf16" if gains else "fp32"
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    channels_last = p.channels_last if p.channels_last != "auto" else device.type in ("cuda", "cpu")
+    dtype = autocast_dtype(resolve_precision(p.precision, device))
+    channels_last = resolve_channels_last(p.channels_last, device)
     # compiling costs minutes on a small CPU and pays off only on GPUs
     compile_model = p.compile if p.compile != "auto" else cuda
     # CUDA graphs (torch.compile's "reduce-overhead") are not yet measured: off under auto

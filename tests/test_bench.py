@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import run_cmd, write_params
 
-from train import cpu_has_amx
+from common import cpu_has_amx
 
 
 def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None:
@@ -44,7 +45,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         ],
         cwd=project,
     )
-    flipped = "ours, precision fp32" if cpu_has_amx() else "ours, precision bf16"
+    other_precision = "precision fp32" if cpu_has_amx() else "precision bf16"
     lines = result.stdout.strip().splitlines()
     json_lines = [ln for ln in lines if ln.startswith('{"bench": ')]
     assert len(json_lines) == 1
@@ -54,9 +55,11 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "seed-style",
         "ceiling",
         "ours, channels_last False",
-        flipped,
+        f"ours, {other_precision}",
         "evaluate",
         "evaluate, batch 1024",  # the evaluation batch flipped from auto's 64 on a CPU
+        f"evaluate, {other_precision}",  # --ablate's options flip in evaluate too
+        "evaluate, channels_last False",
         "ours/seed-style",
         "ours/ceiling",
         "GFLOP per training image",
@@ -66,20 +69,30 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "aten::convolution",
     ):
         assert row in table, row
+    rows = {ln[:34].strip(): ln[34:].split() for ln in lines if ln[:1].isalpha()}
+    # vs auto: training rows against ours, evaluate rows against the evaluate stage as is
+    assert rows["ours"][1] == rows["evaluate"][1] == "1.000"
     summary = json.loads(json_lines[0])["bench"]
+    ratio = summary["images_per_s"]["evaluate, batch 1024"] / summary["images_per_s"]["evaluate"]
+    assert float(rows["evaluate, batch 1024"][1]) == pytest.approx(ratio, abs=0.002)
     assert set(summary["images_per_s"]) == {
         "ours",
         "seed-style",
         "ceiling",
         "evaluate",
         "evaluate, batch 1024",
+        f"evaluate, {other_precision}",
+        "evaluate, channels_last False",
         "ours, channels_last False",
-        flipped,
+        f"ours, {other_precision}",
     }
     assert all(v > 0 for v in summary["images_per_s"].values())
     assert summary["ours_over_seed_style"] > 0 and summary["ours_over_ceiling"] > 0
     assert summary["train_gflop_per_image"] > 0 and summary["device"] == "cpu"
-    assert summary["evaluate_batch_size"] == 64  # auto on a CPU; the other row: 1024
+    precision = "bf16" if cpu_has_amx() else "fp32"  # evaluate's auto, as train's
+    assert summary["evaluate_settings"] == (
+        f"device cpu, precision {precision}, channels_last True, batch_size 64"
+    )
     assert summary["fraction_of_peak"] is None  # no GPU peak for a CPU
     assert set(summary["peak_memory_mib"]) == set(summary["images_per_s"])
     assert summary["repeats"] == 2  # the default: each figure is the best of two

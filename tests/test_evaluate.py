@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import evaluate
+from common import cpu_has_amx, parse_section
+from model import resnet18
 
 
 def test_per_class_table_from_known_predictions() -> None:
@@ -37,3 +39,58 @@ def test_evaluate_outputs() -> None:
     wrong = results["misclassified"].iloc[0]
     assert (wrong["index"], wrong["actual"], wrong["predicted"]) == (2, 7, 1)
     assert wrong["confidence"] == pytest.approx(logits[2].softmax(0)[1].item())
+
+
+CPU = torch.device("cpu")
+
+
+def evaluate_params(**changes: object) -> evaluate.EvaluateParams:
+    raw = {"batch_size": "auto", "device": "cpu", "precision": "auto", "channels_last": "auto"}
+    return parse_section(evaluate.EvaluateParams, raw | changes)
+
+
+def test_auto_settings_follow_the_train_stage_rules() -> None:
+    auto = evaluate.resolve_settings(evaluate_params(), CPU)
+    expected = "bf16" if cpu_has_amx() else "fp32"  # as train.precision: auto
+    assert (auto.precision, auto.channels_last, auto.batch_size) == (expected, True, 64)
+    assert auto.describe() == (
+        f"device cpu, precision {expected}, channels_last True, batch_size 64"
+    )
+    forced = evaluate.resolve_settings(
+        evaluate_params(precision="fp32", channels_last=False, batch_size=7), CPU
+    )
+    assert (forced.precision, forced.channels_last, forced.batch_size) == ("fp32", False, 7)
+
+
+def test_inference_in_each_precision_and_layout_agrees_with_plain_fp32() -> None:
+    torch.manual_seed(0)
+    net = resnet18(width=4).eval()
+    for module in net.modules():  # non-trivial BatchNorm statistics, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    images = torch.randint(0, 256, (37, 1, 32, 32), dtype=torch.uint8)  # a short last batch
+    stats = {"mean": 0.13, "std": 0.31}
+    plain = evaluate.Settings(CPU, "fp32", False, 8)
+    reference = evaluate.inference_logits(net, images, stats, plain)
+    assert reference.dtype == torch.float32 and reference.shape == (37, 10)
+    # the same as one plain forward pass: batching and normalisation change nothing
+    with torch.no_grad():
+        whole = net(((images.float() / 255) - stats["mean"]) / stats["std"])
+    torch.testing.assert_close(reference, whole, rtol=1e-4, atol=1e-4)
+    for precision, channels_last, tolerance in (
+        ("fp32", True, 1e-4),
+        ("bf16", False, 0.1),  # bf16 keeps 8 bits of mantissa: logits agree to ~1%
+        ("bf16", True, 0.1),
+    ):
+        settings = evaluate.Settings(CPU, precision, channels_last, 8)
+        logits = evaluate.inference_logits(net, images, stats, settings)
+        assert logits.dtype == torch.float32 and logits.device == CPU
+        scale = reference.abs().max().item()
+        assert (logits - reference).abs().max().item() <= tolerance * scale, settings
+        if precision == "fp32":
+            torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+        else:  # bf16 really ran: its rounding shows
+            assert not torch.equal(logits, reference)
+        weight = net.layer1[0].conv1.weight  # the network was put in the layout asked for
+        assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last

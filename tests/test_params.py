@@ -30,6 +30,9 @@ STAGE_PARAMS = {
 }
 
 
+EVALUATE = {"batch_size": "auto", "device": "cpu", "precision": "auto", "channels_last": "auto"}
+
+
 def train_with(**changes: object) -> dict:
     return DEFAULTS["train"] | changes
 
@@ -142,11 +145,21 @@ def test_wrong_type_or_range_names_key_value_and_allowed(changes: dict, message:
         (DataParams, {"mirrors": [], "timeout_s": 3}, "data.mirrors = []"),
         (DataParams, {"mirrors": "http://x/", "timeout_s": 3}, "a list of str"),
         (DataParams, {"mirrors": ["http://x/"], "timeout_s": 0}, "data.timeout_s = 0.0"),
-        (EvaluateParams, {"batch_size": -1, "device": "cpu"}, "evaluate.batch_size = -1"),
+        (EvaluateParams, EVALUATE | {"batch_size": -1}, "evaluate.batch_size = -1"),
         (
             EvaluateParams,
-            {"batch_size": 2.0, "device": "cpu"},
+            EVALUATE | {"batch_size": 2.0},
             "evaluate.batch_size = 2.0 is not allowed: an integer or auto",
+        ),
+        (
+            EvaluateParams,
+            EVALUATE | {"precision": "fp8"},
+            "evaluate.precision = 'fp8' is not allowed: one of auto, fp32, bf16, fp16",
+        ),
+        (
+            EvaluateParams,
+            EVALUATE | {"channels_last": "yes"},
+            "evaluate.channels_last = 'yes' is not allowed: one of auto, true, false",
         ),
         (PlotParams, {"max_misclassified": 0, "dpi": 100}, "plot.max_misclassified = 0"),
     ],

@@ -17,7 +17,14 @@ import yaml
 from conftest import committed_params_text, synthetic_digits, wait_until
 
 import train
-from common import PipelineError, load_torch, parse_section, pick_device, resolve_eval_batch
+from common import (
+    PipelineError,
+    cpu_has_amx,
+    load_torch,
+    parse_section,
+    pick_device,
+    resolve_eval_batch,
+)
 from model import resnet18
 from preprocess import normalisation_stats, resize
 
@@ -93,7 +100,7 @@ def test_lr_warms_up_linearly_then_decays_to_zero() -> None:
 
 def test_auto_settings_on_cpu_and_missing_devices() -> None:
     settings = train.resolve_settings(tiny_params(precision="auto"), CPU)
-    expected = torch.bfloat16 if train.cpu_has_amx() else None
+    expected = torch.bfloat16 if cpu_has_amx() else None
     assert (settings.autocast_dtype, settings.channels_last, settings.compile) == (
         expected,
         True,
