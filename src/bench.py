@@ -9,8 +9,9 @@ On one device, in one run, measures training images/s for
   ceiling     forward+backward+step on one fixed batch already on the device,
               with the same settings as ours (no data path at all);
 then ours with each option of `--ablate` flipped from what `auto` chose, the
-evaluate stage's images/s (as `auto` resolves it, at the other `auto` batch size,
-and with each of `--ablate`'s precision and channels_last flipped),
+evaluate stage's images/s (as params.yaml's `evaluate` section resolves on the
+device, `auto` by default; at the other `auto` batch size; and with each of
+`--ablate`'s precision and channels_last flipped),
 achieved TFLOP/s (and the fraction of the GPU's peak), peak memory and the
 hardware. Prints a table, then one JSON line.
 

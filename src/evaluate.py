@@ -79,6 +79,7 @@ class Settings:
 
 
 def resolve_settings(p: EvaluateParams, device: torch.device) -> Settings:
+    """Resolve the `auto` options for `device`."""
     return Settings(
         device,
         resolve_precision(p.precision, device),
@@ -88,7 +89,8 @@ def resolve_settings(p: EvaluateParams, device: torch.device) -> Settings:
 
 
 def inference_logits(net: torch.nn.Module, images: Tensor, stats: dict, s: Settings) -> Tensor:
-    """Logits (float32, on the CPU) of `net` for the uint8 test `images`, run as `s` says."""
+    """Logits (float32, on the CPU) of `net` for the uint8 test `images`, run as `s`
+    says. Puts `net` on `s.device` in `s`'s memory layout, in place."""
     layout = torch.channels_last if s.channels_last else torch.contiguous_format
     net = net.to(s.device, memory_format=layout)
     logits = predict_logits(
