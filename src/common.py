@@ -222,11 +222,18 @@ def resolve_precision(requested: str, device: Any) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
 
 
-def autocast_dtype(precision: str) -> Any:
+def autocast_dtype_of(precision: str) -> Any:
     """The torch.autocast dtype of a resolved precision; None for plain fp32."""
     import torch
 
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def memory_format_of(channels_last: bool) -> Any:
+    """The torch memory format of a resolved channels_last."""
+    import torch
+
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def resolve_channels_last(requested: bool | str, device: Any) -> bool:

@@ -31,11 +31,12 @@ from common import (
     Device,
     Precision,
     atomic_path,
-    autocast_dtype,
+    autocast_dtype_of,
     check,
     load_params,
     load_paths,
     load_torch,
+    memory_format_of,
     pick_device,
     resolve_channels_last,
     resolve_eval_batch,
@@ -91,7 +92,7 @@ def resolve_settings(p: EvaluateParams, device: torch.device) -> Settings:
 def inference_logits(net: torch.nn.Module, images: Tensor, stats: dict, s: Settings) -> Tensor:
     """Logits (float32, on the CPU) of `net` for the uint8 test `images`, run as `s`
     says. Puts `net` on `s.device` in `s`'s memory layout, in place."""
-    layout = torch.channels_last if s.channels_last else torch.contiguous_format
+    layout = memory_format_of(s.channels_last)
     net = net.to(s.device, memory_format=layout)
     logits = predict_logits(
         net,
@@ -99,7 +100,7 @@ def inference_logits(net: torch.nn.Module, images: Tensor, stats: dict, s: Setti
         stats["mean"],
         stats["std"],
         s.batch_size,
-        autocast_dtype(s.precision),
+        autocast_dtype_of(s.precision),
         layout,
     )
     return logits.cpu()

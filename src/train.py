@@ -40,12 +40,13 @@ from common import (
     PipelineError,
     Precision,
     atomic_path,
-    autocast_dtype,
+    autocast_dtype_of,
     check,
     interrupts_deferred,
     load_params,
     load_paths,
     load_torch,
+    memory_format_of,
     pick_device,
     resolve_channels_last,
     resolve_eval_batch,
@@ -128,7 +129,7 @@ class Settings:
     """What `auto` resolved to on this device."""
 
     device: torch.device
-    autocast_dtype: torch.dtype | None  # None = plain fp32
+    precision: str  # fp32, bf16 or fp16 (autocast)
     channels_last: bool
     compile: bool
     cuda_graphs: bool
@@ -137,7 +138,12 @@ class Settings:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
+        return memory_format_of(self.channels_last)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """None for plain fp32."""
+        return autocast_dtype_of(self.precision)
 
     def autocast(self) -> torch.autocast:
         enabled = self.autocast_dtype is not None
@@ -148,10 +154,6 @@ class Settings:
         if not self.compile:
             return net
         return torch.compile(net, mode="reduce-overhead" if self.cuda_graphs else None)
-
-    @property
-    def precision(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
 
     def describe(self) -> str:
         return (
@@ -165,7 +167,7 @@ class Settings:
 def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     """Resolve the `auto` options for `device`, as measured (README, "Speed")."""
     cuda = device.type == "cuda"
-    dtype = autocast_dtype(resolve_precision(p.precision, device))
+    precision = resolve_precision(p.precision, device)
     channels_last = resolve_channels_last(p.channels_last, device)
     # compiling costs minutes on a small CPU and pays off only on GPUs
     compile_model = p.compile if p.compile != "auto" else cuda
@@ -177,7 +179,7 @@ def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     # 1.00x to 1.05x foreach (within noise), and it is the fast path on CUDA
     fused = p.fused_optimizer if p.fused_optimizer != "auto" else device.type in ("cuda", "cpu")
     eval_batch = resolve_eval_batch(p.eval_batch_size, device)
-    return Settings(device, dtype, channels_last, compile_model, cuda_graphs, fused, eval_batch)
+    return Settings(device, precision, channels_last, compile_model, cuda_graphs, fused, eval_batch)
 
 
 # --------------------------------------------------------------------------- data on the device
