@@ -12,17 +12,16 @@ resumes from its last complete epoch and ends with the same weights.
 Inputs:  `paths.processed`/{train,val}.pt, stats.json; params.yaml `model`, `train`.
 Outputs: `paths.model` ({"state_dict", "params", "stats"}); `paths.train_report`/
          (DVCLive: metrics.json and per-epoch plots/metrics/*.tsv).
-Scratch: `paths.checkpoint`, deleted once training completes.
+Scratch: `paths.checkpoints`/<run fingerprint>.pt, deleted once the run completes
+         (src/checkpoint.py); `paths.checkpoints`/train.lock while it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from checkpoint import TrainingState, checkpoint_path, fingerprint, prune_other_runs
 from common import (
     Auto,
     Device,
@@ -236,78 +236,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def fingerprint(model_p: ModelParams, p: TrainParams, s: Settings, data_files: list[Path]) -> str:
-    """Identifies a training run (params, what auto resolved to, data): a checkpoint is
-    resumed only by the same run, never by other params or on another device."""
-    run = [dataclasses.asdict(model_p), dataclasses.asdict(p), s.describe()]
-    h = hashlib.sha256(json.dumps(run, sort_keys=True).encode())
-    for path in data_files:
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def rng_states(generator: torch.Generator) -> dict[str, Any]:
-    states = {
-        "torch": torch.get_rng_state(),
-        "data": generator.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["data"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-@dataclass
-class TrainingState:
-    """Everything that changes while training, as a checkpoint stores it."""
-
-    net: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    generator: torch.Generator
-    history: list[dict[str, float]]
-
-    def save(self, path: Path, run_id: str) -> None:
-        state = {
-            "run_id": run_id,
-            "model": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_states(self.generator),
-            "history": self.history,
-        }
-        save_torch(state, path)
-
-    def resume(self, path: Path, run_id: str) -> None:
-        """Continue from the checkpoint at `path` if it belongs to this run."""
-        if not path.exists():
-            return
-        state = load_torch(path)
-        if state.get("run_id") != run_id:
-            print(f"ignoring {path}: it belongs to another run (params, device or data differ)")
-            return
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_states(state["rng"], self.generator)
-        self.history = state["history"]
-        print(f"resuming from {path} after epoch {len(self.history)}")
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -321,6 +249,45 @@ class Data:
     val_y: Tensor
     mean: float
     std: float
+
+
+PROGRESS_EVERY_S = 60.0  # seconds between progress lines when stdout is no terminal
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+class Progress:
+    """A tqdm bar with ETA on a terminal; elsewhere (a log, CI, `dvc queue logs`, where
+    tqdm stays silent) a line with speed and ETA every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, total: int, done: int, images_per_step: int) -> None:
+        self.bar = tqdm(total=total, initial=done, unit="step", disable=None)
+        self.total, self.done, self.first = total, done, done
+        self.images_per_step = images_per_step
+        self.start = self.last = time.perf_counter()
+        self.label = ""
+
+    def update(self) -> None:
+        self.bar.set_description(self.label, refresh=False)
+        self.bar.update()
+        self.done += 1
+        now = time.perf_counter()
+        if self.bar.disable and now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            steps_per_s = (self.done - self.first) / (now - self.start)
+            print(
+                f"{self.label}: step {self.done}/{self.total} of the run, "
+                f"{steps_per_s * self.images_per_step:.0f} img/s, "
+                f"ETA {format_duration((self.total - self.done) / steps_per_s)}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def fit(
@@ -344,24 +311,26 @@ def fit(
         torch.Generator(device=s.device).manual_seed(p.seed),
         [],
     )
-    state.resume(checkpoint, run_id)
+    if state.resume(checkpoint, run_id):
+        print(f"resuming from {checkpoint} after epoch {len(state.history)}/{p.epochs}")
     yield from state.history
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     forward = s.compiled(net)
-    bar = tqdm(total=total_steps, initial=len(state.history) * steps, unit="step", disable=None)
+    progress = Progress(total_steps, len(state.history) * steps, p.batch_size)
     for epoch in range(len(state.history) + 1, p.epochs + 1):
-        bar.set_description(f"epoch {epoch}/{p.epochs}")
+        progress.label = f"epoch {epoch}/{p.epochs}"
         net.train()
         # per-step figures stay on the device: no synchronisation until the epoch ends
         losses = torch.zeros(steps, device=s.device)
         correct = torch.zeros(steps, device=s.device, dtype=torch.long)
-        lr = state.scheduler.get_last_lr()[0]
+        lr_sum = 0.0  # the epoch's mean learning rate is what the lr plot shows
         start = time.perf_counter()
         for step, idx in enumerate(epoch_batches(n, p.batch_size, state.generator)):
             x = random_shift(data.train_x[idx], p.max_shift, state.generator)
             x = normalise(x, data.mean, data.std).contiguous(memory_format=s.memory_format)
             y = data.train_y[idx]
+            lr_sum += state.scheduler.get_last_lr()[0]
             with s.autocast():
                 logits = forward(x)
                 loss = loss_fn(logits, y)
@@ -373,7 +342,7 @@ def fit(
             with torch.no_grad():  # plain cross-entropy, comparable with the validation loss
                 losses[step] = F.cross_entropy(logits.float(), y)
                 correct[step] = (logits.argmax(1) == y).sum()
-            bar.update()
+            progress.update()
         losses = losses.cpu()  # waits for the device: the epoch's work is done
         seconds = time.perf_counter() - start
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
@@ -398,7 +367,7 @@ def fit(
             "train/acc": correct.sum().item() / (steps * p.batch_size),
             "val/loss": F.cross_entropy(val_logits, data.val_y).item(),
             "val/acc": (val_logits.argmax(1) == data.val_y).double().mean().item(),
-            "lr": lr,
+            "lr": lr_sum / steps,
             "epoch_time_s": seconds,
             "images_per_s": steps * p.batch_size / seconds,
         }
@@ -406,7 +375,7 @@ def fit(
         if p.checkpoint_every and epoch % p.checkpoint_every == 0 and epoch < p.epochs:
             state.save(checkpoint, run_id)
         yield record
-    bar.close()
+    progress.close()
 
 
 def load_data(processed: Path, device: torch.device) -> Data:
@@ -442,7 +411,8 @@ def log_epoch(live: Any, record: dict[str, float], epochs: int) -> None:
         f"epoch {record['epoch']}/{epochs}: train loss {record['train/loss']:.4f} "
         f"acc {record['train/acc']:.4f} | val loss {record['val/loss']:.4f} "
         f"acc {record['val/acc']:.4f} | {record['epoch_time_s']:.1f} s, "
-        f"{record['images_per_s']:.0f} img/s"
+        f"{record['images_per_s']:.0f} img/s",
+        flush=True,
     )
 
 
@@ -457,7 +427,11 @@ def main() -> None:
     processed = Path(paths.processed)
     data = load_data(processed, settings.device)
     data_files = [processed / name for name in ("train.pt", "val.pt", "stats.json")]
-    run_id = fingerprint(model_p, p, settings, data_files)
+    run_id = fingerprint([model_p, p], settings.describe(), data_files)
+    checkpoint = checkpoint_path(paths.checkpoints, run_id)
+    others = sorted(str(c) for c in prune_other_runs(checkpoint))
+    if others:
+        print(f"removed the checkpoints of older unfinished runs: {', '.join(others)}")
     seed_everything(p.seed)
     net = resnet18(width=model_p.width)
     print(
@@ -474,7 +448,7 @@ def main() -> None:
     with atomic_path(paths.train_report) as report_dir:
         with Live(dir=str(report_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
             try:
-                for record in fit(net, data, p, settings, Path(paths.checkpoint), run_id):
+                for record in fit(net, data, p, settings, checkpoint, run_id):
                     log_epoch(live, record, p.epochs)
                     history.append(record)
             except torch.OutOfMemoryError:
@@ -494,9 +468,9 @@ def main() -> None:
             },
             paths.model,
         )
-    Path(paths.checkpoint).unlink(missing_ok=True)
+    checkpoint.unlink(missing_ok=True)
     print(f"wrote {paths.model} and {paths.train_report}")
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, stage="train")

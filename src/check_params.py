@@ -1,0 +1,110 @@
+"""Params stage: check the whole of params.yaml before any stage's outputs are touched.
+
+DVC deletes a stage's outputs before it runs the stage, so a bad value found by
+the stage itself (`dvc exp run -S train.lr=abc`) leaves the workspace without
+that stage's outputs; and a misspelt key added with `-S +train.learnign_rate=0.1`
+is read by no stage, so DVC would run nothing and record an experiment. This
+stage depends on the whole file and comes first (download depends on its
+output), so both fail here, at once, with the workspace as it was.
+
+Inputs:  params.yaml, every section; the stages' params dataclasses.
+Outputs: `paths.params_check`, a file whose content never changes, so that a
+         valid change of params reruns only the stages that read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common import (
+    NUM_CLASSES,
+    PARAMS_FILE,
+    Paths,
+    PipelineError,
+    atomic_path,
+    parse_section,
+    require,
+    run,
+)
+from download import DataParams
+from evaluate import EvaluateParams
+from plot import PlotParams
+from preprocess import PreprocessParams
+from train import ModelParams, TrainParams
+
+SECTIONS = (
+    Paths,
+    DataParams,
+    PreprocessParams,
+    ModelParams,
+    TrainParams,
+    EvaluateParams,
+    PlotParams,
+)
+# MNIST's sizes: the download stage verifies the files by checksum
+MNIST_TRAIN_IMAGES, MNIST_TEST_IMAGES = 60_000, 10_000
+CHECKED = "params.yaml: every section is valid\n"
+
+
+def check_document(document: Any) -> dict[str, Any]:
+    """Every section parsed into its dataclass, or a PipelineError naming the first
+    problem: an unknown section or key, a missing key, a bad value, sizes that cannot
+    fit MNIST."""
+    if not isinstance(document, dict):
+        raise PipelineError(f"{PARAMS_FILE}: not a mapping of sections")
+    known = [cls.SECTION for cls in SECTIONS]
+    for name in document:
+        if name not in known:
+            raise PipelineError(
+                f"{PARAMS_FILE}: unknown section '{name}'; valid sections: {', '.join(known)}"
+            )
+    parsed = {cls.SECTION: parse_section(cls, document.get(cls.SECTION)) for cls in SECTIONS}
+    pre, train = parsed["preprocess"], parsed["train"]
+    available = MNIST_TRAIN_IMAGES - pre.val_size
+    require(
+        pre.val_size < MNIST_TRAIN_IMAGES - NUM_CLASSES,
+        "preprocess.val_size",
+        pre.val_size,
+        f"fewer than MNIST's {MNIST_TRAIN_IMAGES} training images minus {NUM_CLASSES}",
+    )
+    require(
+        pre.train_limit <= available,
+        "preprocess.train_limit",
+        pre.train_limit,
+        f"0 or at most the {available} training images left after preprocess.val_size",
+    )
+    require(
+        pre.test_limit <= MNIST_TEST_IMAGES,
+        "preprocess.test_limit",
+        pre.test_limit,
+        f"0 or at most MNIST's {MNIST_TEST_IMAGES} test images",
+    )
+    images = pre.train_limit or available
+    require(
+        train.batch_size <= images,
+        "train.batch_size",
+        train.batch_size,
+        f"at most the {images} training images",
+    )
+    return parsed
+
+
+def main() -> None:
+    try:
+        document = yaml.safe_load(PARAMS_FILE.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{PARAMS_FILE} not found: run from the repository root") from None
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{PARAMS_FILE} is not valid YAML: {error}") from None
+    parsed = check_document(document)
+    output = Path(parsed["paths"].params_check)
+    with atomic_path(output) as tmp:
+        tmp.write_text(CHECKED)
+    print(CHECKED, end="")
+
+
+if __name__ == "__main__":
+    run(main)

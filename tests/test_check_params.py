@@ -1,0 +1,87 @@
+"""The check_params stage: the whole params.yaml is checked before any stage runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import committed_params_text, run_cmd
+
+from check_params import CHECKED, check_document
+from common import PipelineError
+
+DEFAULTS = yaml.safe_load(committed_params_text())
+
+
+def with_changes(section: str, **changes: object) -> dict:
+    return DEFAULTS | {section: DEFAULTS[section] | changes}
+
+
+def test_the_committed_params_pass() -> None:
+    parsed = check_document(DEFAULTS)
+    assert parsed["train"].lr == DEFAULTS["train"]["lr"]
+    assert set(parsed) == set(DEFAULTS)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (with_changes("train", lr="abc"), "train.lr = 'abc' is not allowed: a finite number"),
+        (
+            with_changes("train", learnign_rate=0.1),
+            "unknown key 'train.learnign_rate' (did you mean 'train.lr'?)",
+        ),
+        (with_changes("evaluate", precision="fp8"), "evaluate.precision = 'fp8' is not allowed"),
+        (with_changes("plot", dpi=5), "plot.dpi = 5 is not allowed"),
+        (DEFAULTS | {"trian": {"lr": 0.1}}, "unknown section 'trian'; valid sections: paths,"),
+        (
+            {k: v for k, v in DEFAULTS.items() if k != "model"},
+            "section 'model' is missing or not a mapping",
+        ),
+        (
+            with_changes("train", batch_size=56_000),
+            "train.batch_size = 56000 is not allowed: at most the 55000 training images",
+        ),
+        (
+            DEFAULTS
+            | {"preprocess": DEFAULTS["preprocess"] | {"train_limit": 1000}}
+            | {"train": DEFAULTS["train"] | {"batch_size": 1001}},
+            "train.batch_size = 1001 is not allowed: at most the 1000 training images",
+        ),
+        (
+            with_changes("preprocess", train_limit=55_001),
+            "preprocess.train_limit = 55001 is not allowed: 0 or at most the 55000",
+        ),
+        (
+            with_changes("preprocess", test_limit=10_001),
+            "preprocess.test_limit = 10001 is not allowed",
+        ),
+        (
+            with_changes("preprocess", val_size=59_995),
+            "preprocess.val_size = 59995 is not allowed",
+        ),
+        ([1, 2], "not a mapping of sections"),
+    ],
+)
+def test_every_bad_value_is_named(document: object, message: str) -> None:
+    with pytest.raises(PipelineError) as error:
+        check_document(document)
+    assert message in str(error.value)
+
+
+def test_the_stage_writes_its_fixed_text_or_nothing(project: Path) -> None:
+    script = [sys.executable, "src/check_params.py"]
+    output = project / "data/params_check.txt"
+    run_cmd(script, cwd=project)
+    assert output.read_text() == CHECKED
+    output.unlink()
+    text = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(text.replace("lr: 0.2", "lr: -1"))
+    failed = run_cmd(script, cwd=project, check=False)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        "error: params.yaml: train.lr = -1 is not allowed: a number > 0"
+    ]
+    assert not output.exists()
