@@ -41,16 +41,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import evaluate
 import train
-from common import (
-    EVAL_BATCH_AUTO,
-    RAW_FILES,
-    PipelineError,
-    load_params,
-    load_paths,
-    pick_device,
-    run,
-)
+from common import RAW_FILES, PipelineError, load_params, load_paths
+from device import EVAL_BATCH_AUTO, pick_device
 from model import normalise, resnet18
+from process import run
 
 # Dense peak TFLOP/s by GPU name and autocast precision (vendor data sheets, SXM parts).
 # "fp32" is TF32: cuDNN runs fp32 convolutions on TF32 tensor cores by default.

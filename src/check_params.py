@@ -27,12 +27,12 @@ from common import (
     atomic_path,
     parse_section,
     require,
-    run,
 )
 from download import DataParams
 from evaluate import EvaluateParams
 from plot import PlotParams
 from preprocess import PreprocessParams
+from process import run
 from train import ModelParams, TrainParams
 
 SECTIONS = (

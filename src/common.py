@@ -14,14 +14,10 @@ import math
 import os
 import random
 import shutil
-import signal
-import sys
 import tempfile
-import threading
-import time
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -39,8 +35,6 @@ RAW_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 
-Device = Literal["auto", "cpu", "cuda", "mps"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Auto = Literal["auto", True, False]
 NUM_CLASSES = 10  # digits 0-9
 
@@ -174,7 +168,7 @@ def load_paths(params_file: Path = PARAMS_FILE) -> Paths:
     return load_params(Paths, params_file)
 
 
-# --------------------------------------------------------------------------- runtime
+# --------------------------------------------------------------------------- seeding
 
 
 def seed_everything(seed: int) -> None:
@@ -183,78 +177,6 @@ def seed_everything(seed: int) -> None:
 
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(requested: str) -> Any:
-    """'auto' picks CUDA, then Apple MPS, then CPU; a named device that is absent is an error."""
-    import torch
-
-    has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if requested == "auto":
-        name = next((n for n in ("cuda", "mps") if has[n]), "cpu")
-        return torch.device(name)
-    if requested != "cpu" and not has[requested]:
-        raise PipelineError(
-            f"device '{requested}' was asked for but torch sees none on this machine "
-            f"(torch {torch.__version__}); use 'auto' or 'cpu'"
-        )
-    return torch.device(requested)
-
-
-def cpu_has_amx() -> bool:
-    """Intel AMX: tile matrix units that run bf16 matmuls and convolutions in hardware."""
-    import torch
-
-    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(supported and supported())
-
-
-def resolve_precision(requested: str, device: Any) -> str:
-    """'fp32', 'bf16' or 'fp16': what `requested` (a Precision) means on `device`.
-
-    bf16 autocast under `auto`: on GPUs it doubles tensor-core throughput; on the
-    2-core Xeon with AMX it trained 2.3-2.4x and evaluated 3.1x faster than fp32,
-    channels_last on in both (README, "Speed"); on CPUs without AVX-512/AMX it ran
-    ~14x slower, and on MPS it is unmeasured, so those keep fp32."""
-    import torch
-
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_amx() else "fp32"
-
-
-def autocast_dtype_of(precision: str) -> Any:
-    """The torch.autocast dtype of a resolved precision; None for plain fp32."""
-    import torch
-
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def memory_format_of(channels_last: bool) -> Any:
-    """The torch memory format of a resolved channels_last."""
-    import torch
-
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def resolve_channels_last(requested: bool | str, device: Any) -> bool:
-    """NHWC layout under `auto` on CUDA and CPUs; not on MPS. On the 2-core Xeon it
-    trained 1.2-1.3x and evaluated 1.35x faster in bf16; fp32 inference there ran
-    0.96x (width 64) to 1.33x (width 16) as fast (README, "Speed")."""
-    return device.type in ("cuda", "cpu") if requested == "auto" else bool(requested)
-
-
-# `auto` images per evaluation batch: large batches fill a GPU, while on the 2-core
-# Xeon inference ran 1.2x to 1.6x slower at batch 256 and up than at 32 or 64
-# (README, "Speed"; reports/bench/cpu-eval-batch.txt), so a CPU takes 64.
-EVAL_BATCH_AUTO = {"cpu": 64, "cuda": 1024, "mps": 1024}
-
-
-def resolve_eval_batch(requested: int | Literal["auto"], device: Any) -> int:
-    """The evaluation batch size that `requested` ('auto' or a number) means on `device`."""
-    return EVAL_BATCH_AUTO[device.type] if requested == "auto" else int(requested)
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -298,177 +220,3 @@ def load_torch(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stage that makes it first") from None
-
-
-# --------------------------------------------------------------------------- interrupts
-
-# Ctrl-C and SIGTERM raise KeyboardInterrupt, except inside interrupts_deferred(),
-# where they wait in _pending until the outermost such block ends.
-_deferring = 0
-_pending: list[int] = []
-
-
-def _on_interrupt(signum: int, frame: types.FrameType | None) -> None:
-    if _deferring:
-        _pending.append(signum)
-    else:
-        _pending.clear()  # one that came as a block ended: raised now, not again later
-        raise KeyboardInterrupt(f"signal {signum}")
-
-
-def install_interrupt_handlers() -> None:
-    """SIGTERM and SIGHUP like Ctrl-C (so that `finally` blocks run), all deferrable. A
-    SIGINT or SIGHUP that the parent set to be ignored (a background job, nohup) stays
-    ignored."""
-    signal.signal(signal.SIGTERM, _on_interrupt)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_interrupt)
-    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # a closed terminal; not nohup
-        signal.signal(signal.SIGHUP, _on_interrupt)
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Run the block whole: a Ctrl-C or SIGTERM that arrives inside it is raised as
-    KeyboardInterrupt when the block ends (replacing any exception the block raised:
-    the user asked to stop). Needs the handlers of install_interrupt_handlers(),
-    which run() installs; nests. The count is per process: use it on the main
-    thread, which is where signals are handled."""
-    global _deferring
-    _deferring += 1
-    try:
-        yield
-    finally:
-        _deferring -= 1
-        if not _deferring and _pending:
-            signum = _pending[0]
-            _pending.clear()
-            raise KeyboardInterrupt(f"signal {signum}")
-
-
-# --------------------------------------------------------------------------- one run at a time
-
-# How often the watcher checks that the process which started this stage is alive.
-WATCH_INTERVAL_S = 0.5
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (field 22 of /proc/PID/stat), None if it is gone:
-    with the pid it identifies a process even after the pid is reused."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _parent_of(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _is_dvc(pid: int) -> bool:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(Path(a.decode(errors="replace")).name == "dvc" for a in argv[:3])
-
-
-def _watched_ancestors() -> list[tuple[int, str | None]]:
-    """The processes whose death must stop this stage: the parent and, under DVC (which
-    sets DVC_STAGE), every ancestor up to the `dvc` process itself, since a shell such
-    as dash stays between DVC and the command. Pairs of (pid, start time)."""
-    chain = [os.getppid()]
-    if os.environ.get("DVC_STAGE") and Path("/proc").is_dir():
-        while len(chain) < 8 and not _is_dvc(chain[-1]) and _parent_of(chain[-1]) > 1:
-            chain.append(_parent_of(chain[-1]))
-        if not _is_dvc(chain[-1]):
-            chain = chain[:1]
-    return [(pid, _start_time(pid)) for pid in chain]
-
-
-def _watch(ancestors: list[tuple[int, str | None]], parent: int) -> None:
-    while True:
-        time.sleep(WATCH_INTERVAL_S)
-        gone = os.getppid() != parent or any(
-            start is not None and _start_time(pid) != start for pid, start in ancestors
-        )
-        if gone:  # as SIGTERM: the stage stops the way an interrupt stops it
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-
-
-_watching = False
-
-
-def stop_with_parent() -> None:
-    """Stop this process (as SIGTERM does) when the process that started it dies, by any
-    signal, SIGKILL included: else a killed `dvc repro` leaves its stage running on,
-    writing outputs that the next run also writes. Linux delivers SIGTERM at the
-    parent's death (prctl PR_SET_PDEATHSIG); a watcher thread also covers the ancestors
-    up to `dvc` and other systems (a changed parent pid means the parent died)."""
-    global _watching
-    if _watching:
-        return
-    _watching = True
-    parent = os.getppid()
-    if sys.platform == "linux":
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    ancestors = _watched_ancestors()
-    if os.getppid() != parent:  # it died before the line above took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=_watch, args=(ancestors, parent), daemon=True).start()
-
-
-@contextlib.contextmanager
-def exclusive(stage: str, lock_dir: str | Path) -> Iterator[None]:
-    """Hold `lock_dir`/`stage`.lock for the block, or fail at once naming the process
-    that holds it: two runs of one stage never write one workspace's outputs together.
-    An flock, so the operating system releases it when its holder dies, however."""
-    import fcntl
-
-    path = Path(lock_dir) / f"{stage}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            raise PipelineError(
-                f"another run of the {stage} stage (pid {holder}) is writing this "
-                f"workspace's outputs ({path} is locked): wait for it, or stop it"
-            ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        yield
-
-
-def run(main: Callable[[], None], stage: str | None = None) -> None:
-    """Run a stage's main(): a PipelineError becomes one line on stderr and exit 1,
-    Ctrl-C, SIGTERM or SIGHUP exit 130 (after `finally` blocks ran). The stage stops
-    when the process that started it dies; with `stage` named, it runs only if no
-    other run of that stage holds this workspace's lock (in `paths.checkpoints`)."""
-    install_interrupt_handlers()
-    stop_with_parent()
-    try:
-        if stage is None:
-            main()
-        else:
-            with exclusive(stage, load_paths().checkpoints):
-                main()
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

@@ -29,7 +29,8 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from common import PipelineError, atomic_path, check, load_params, load_paths, run
+from common import PipelineError, atomic_path, check, load_params, load_paths
+from process import run
 
 # SHA-256 of the decompressed files of the original MNIST database.
 SHA256 = {
@@ -118,6 +119,16 @@ def fetch(source: str, filename: str, timeout_s: float) -> bytes:
     elif scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise MirrorError(f"unsupported URL scheme '{scheme}' (use http, https, file or a folder)")
     path = Path(source) / filename
+    if not path.parent.is_dir():  # e.g. a relative MNIST_MIRROR seen from a queued run's copy
+        where = (
+            ""
+            if path.parent.is_absolute()
+            else (
+                f" (relative to {Path.cwd()}: queued experiments run in a copy under"
+                " .dvc/tmp/exps/, so give an absolute path)"
+            )
+        )
+        raise MirrorError(f"no such folder {path.parent}{where}", unreachable=True)
     try:
         with open(path, "rb") as f:
             return _read_limited(f, None, filename)

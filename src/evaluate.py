@@ -25,25 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common import (
-    NUM_CLASSES,
-    Auto,
+from common import NUM_CLASSES, Auto, atomic_path, check, load_params, load_paths, load_torch
+from device import (
     Device,
     Precision,
-    atomic_path,
     autocast_dtype_of,
-    check,
-    load_params,
-    load_paths,
-    load_torch,
     memory_format_of,
     pick_device,
     resolve_channels_last,
     resolve_eval_batch,
     resolve_precision,
-    run,
 )
 from model import predict_logits, resnet18
+from process import run
 
 
 @dataclass(frozen=True)

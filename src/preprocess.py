@@ -31,8 +31,8 @@ from common import (
     check,
     load_params,
     load_paths,
-    run,
 )
+from process import run
 
 IMAGE_SIZE = 32  # the model's input: 28x28 digits upsampled so 4 stride-2 stages end at 4x4
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions

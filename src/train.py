@@ -36,26 +36,27 @@ from tqdm import tqdm
 from checkpoint import TrainingState, checkpoint_path, fingerprint, prune_other_runs
 from common import (
     Auto,
-    Device,
     PipelineError,
-    Precision,
     atomic_path,
-    autocast_dtype_of,
     check,
-    interrupts_deferred,
     load_params,
     load_paths,
     load_torch,
+    save_torch,
+    seed_everything,
+)
+from device import (
+    Device,
+    Precision,
+    autocast_dtype_of,
     memory_format_of,
     pick_device,
     resolve_channels_last,
     resolve_eval_batch,
     resolve_precision,
-    run,
-    save_torch,
-    seed_everything,
 )
 from model import normalise, predict_logits, resnet18
+from process import interrupts_deferred, run
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-import common
+import process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,11 +200,9 @@ def run_cmd(
     return result
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A copy of the project (code, params, dvc.yaml) with the tiny params, not yet a repo."""
-    dest = tmp_path / "project"
-    dest.mkdir()
+def make_project(dest: Path) -> Path:
+    """A copy of the project (code, params, dvc.yaml) at `dest` with the tiny params."""
+    dest.mkdir(parents=True)
     for name in PROJECT_FILES:
         source = ROOT / name
         if source.is_dir():
@@ -216,14 +214,33 @@ def project(tmp_path: Path) -> Path:
     return dest
 
 
+def init_repo(project: Path) -> None:
+    """Make `project` a git and DVC repository as a clone of this one is: `dvc init`, then
+    the committed DVC config and plot templates (`dvc init` refuses an existing .dvc/)."""
+    run_cmd(["git", "init", "-q"], cwd=project)
+    run_cmd([sys.executable, "-m", "dvc", "init", "-q"], cwd=project)
+    shutil.copy(ROOT / ".dvc/config", project / ".dvc/config")  # plots.html_template
+    shutil.copytree(ROOT / ".dvc/plots", project / ".dvc/plots")
+    run_cmd(["git", "add", "-A"], cwd=project)
+    run_cmd(["git", "commit", "-qm", "project"], cwd=project)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of the project (code, params, dvc.yaml) with the tiny params, not yet a repo."""
+    return make_project(tmp_path / "project")
+
+
 @pytest.fixture
 def interrupt_handlers() -> Iterator[None]:
-    """The stages' Ctrl-C/SIGTERM handlers (common.run() installs them), put back after."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    """The stages' Ctrl-C/SIGTERM/SIGHUP handlers (process.run() installs them), put back
+    after."""
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    saved = {signum: signal.getsignal(signum) for signum in signals}
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if pytest runs in `&`
-    common.install_interrupt_handlers()
+    process.install_interrupt_handlers()
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
-    common._deferring = 0
-    common._pending.clear()
+    process._deferring = 0
+    process._pending.clear()

@@ -1,16 +1,19 @@
-"""The benchmark runs end to end on CPU at a tiny width and prints every figure
-(no timing assertions: machines are noisy)."""
+"""The benchmark runs end to end on CPU at a tiny width and prints every figure,
+the table and the JSON agreeing and each ratio the ratio of its figures (no
+assertions on the timings themselves: machines are noisy)."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import run_cmd, write_params
 
-from common import cpu_has_amx
+import bench
+from device import cpu_has_amx
 
 
 def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None:
@@ -49,7 +52,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     lines = result.stdout.strip().splitlines()
     json_lines = [ln for ln in lines if ln.startswith('{"bench": ')]
     assert len(json_lines) == 1
-    table = result.stdout  # the table, the JSON line, then --profile's op table
+    output = result.stdout  # the table, the JSON line, then --profile's op table
     for row in (
         "ours ",
         "seed-style",
@@ -68,14 +71,10 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "Self CPU time total",  # --profile: the op table of one epoch of ours
         "aten::convolution",
     ):
-        assert row in table, row
-    rows = {ln[:34].strip(): ln[34:].split() for ln in lines if ln[:1].isalpha()}
-    # vs auto: training rows against ours, evaluate rows against the evaluate stage as is
-    assert rows["ours"][1] == rows["evaluate"][1] == "1.000"
+        assert row in output, row
     summary = json.loads(json_lines[0])["bench"]
-    ratio = summary["images_per_s"]["evaluate, batch 1024"] / summary["images_per_s"]["evaluate"]
-    assert float(rows["evaluate, batch 1024"][1]) == pytest.approx(ratio, abs=0.002)
-    assert set(summary["images_per_s"]) == {
+    speed = summary["images_per_s"]
+    assert set(speed) == {
         "ours",
         "seed-style",
         "ceiling",
@@ -86,9 +85,31 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "ours, channels_last False",
         f"ours, {other_precision}",
     }
+    # the table: one row per figure of the JSON, each with the same numbers; "vs auto" is
+    # a training row over ours, an evaluate row over the evaluate stage as auto runs it
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("measurement")) + 1
+    end = next(i for i, ln in enumerate(lines) if ln.startswith("ours/seed-style"))
+    table = {ln[:34].strip(): [float(v) for v in ln[34:].split()] for ln in lines[start:end]}
+    assert list(table) == list(speed)
+    for name, (images, vs_auto, memory, min_over_max) in table.items():
+        reference = speed["evaluate" if name.startswith("evaluate") else "ours"]
+        assert images == pytest.approx(speed[name], abs=0.051), name
+        assert vs_auto == pytest.approx(speed[name] / reference, rel=1e-3, abs=1e-3), name
+        assert memory == pytest.approx(summary["peak_memory_mib"][name], abs=0.51), name
+        assert min_over_max == summary["min_over_max"][name], name
+    # the summary line and the JSON: ratios of the measured figures, FLOPs of this width
+    ratios = re.search(r"ours/seed-style ([\d.]+), ours/ceiling ([\d.]+)", lines[end])
+    assert ratios, lines[end]
+    seed_style, ceiling = (float(v) for v in ratios.groups())
+    assert seed_style == summary["ours_over_seed_style"]
+    assert ceiling == summary["ours_over_ceiling"]
+    assert seed_style == pytest.approx(speed["ours"] / speed["seed-style"], abs=2e-3)
+    assert ceiling == pytest.approx(speed["ours"] / speed["ceiling"], abs=2e-3)
+    flops = bench.training_flops_per_image(2)
+    assert summary["train_gflop_per_image"] == round(flops / 1e9, 3)
+    assert summary["ours_tflops"] == pytest.approx(speed["ours"] * flops / 1e12, abs=6e-5)
     assert all(v > 0 for v in summary["images_per_s"].values())
-    assert summary["ours_over_seed_style"] > 0 and summary["ours_over_ceiling"] > 0
-    assert summary["train_gflop_per_image"] > 0 and summary["device"] == "cpu"
+    assert summary["device"] == "cpu" and summary["width"] == 2 and summary["batch_size"] == 16
     precision = "bf16" if cpu_has_amx() else "fp32"  # evaluate's auto, as train's
     assert summary["evaluate_settings"] == (
         f"device cpu, precision {precision}, channels_last True, batch_size 64"
@@ -101,7 +122,5 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
 
 
 def test_flop_count_of_resnet18() -> None:
-    import bench
-
     # about 3.3 GFLOP per training image at width 64 (forward ~1.1, backward ~2x that)
     assert 3.0e9 < bench.training_flops_per_image(64) < 3.6e9

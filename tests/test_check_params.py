@@ -82,6 +82,6 @@ def test_the_stage_writes_its_fixed_text_or_nothing(project: Path) -> None:
     failed = run_cmd(script, cwd=project, check=False)
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines() == [
-        "error: params.yaml: train.lr = -1 is not allowed: a number > 0"
+        "error: params.yaml: train.lr = -1.0 is not allowed: a number > 0"
     ]
     assert not output.exists()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY, write_params
 
-import common
+import process
 import train
 from common import PipelineError, atomic_path, load_torch, save_torch
 
@@ -88,7 +88,7 @@ def test_out_of_memory_suggests_a_smaller_batch(
     monkeypatch.chdir(project)
     monkeypatch.setattr(train, "fit", out_of_memory)
     with pytest.raises(SystemExit) as exit_info:
-        common.run(train.main)
+        process.run(train.main)
     assert exit_info.value.code == 1
     assert (
         "error: out of memory on cpu with train.batch_size = 50 (train.eval_batch_size = 256):"
@@ -104,13 +104,13 @@ def test_a_signal_inside_interrupts_deferred_waits_for_the_outer_block_to_end(
 ) -> None:
     done = []
     with pytest.raises(KeyboardInterrupt, match=f"signal {int(signum)}"):  # noqa: SIM117
-        with common.interrupts_deferred():
-            with common.interrupts_deferred():  # nested: held until the outer block ends
+        with process.interrupts_deferred():
+            with process.interrupts_deferred():  # nested: held until the outer block ends
                 signal.raise_signal(signum)
                 done.append("inner block")
             done.append("outer block")
     assert done == ["inner block", "outer block"]
-    with common.interrupts_deferred():  # nothing pending: nothing raised
+    with process.interrupts_deferred():  # nothing pending: nothing raised
         pass
     with pytest.raises(KeyboardInterrupt):  # outside a block: at once
         signal.raise_signal(signum)
@@ -119,6 +119,6 @@ def test_a_signal_inside_interrupts_deferred_waits_for_the_outer_block_to_end(
 def test_a_sigint_the_parent_ignores_stays_ignored(interrupt_handlers: None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for a background job
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    common.install_interrupt_handlers()
+    process.install_interrupt_handlers()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    assert signal.getsignal(signal.SIGTERM) is common._on_interrupt
+    assert signal.getsignal(signal.SIGTERM) is process._on_interrupt

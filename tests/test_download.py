@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -91,12 +92,24 @@ def test_all_mirrors_failing_lists_each_and_writes_nothing(
     assert "every mirror failed for train-images-idx3-ubyte.gz" in message
     for mirror, reason in zip(
         mirrors,
-        ["unreachable", "HTTP 404", "wrong SHA-256", "cannot read", "unsupported URL scheme"],
+        ["unreachable", "HTTP 404", "wrong SHA-256", "no such folder", "unsupported URL scheme"],
         strict=True,
     ):
         assert f"{mirror}: {reason}" in message
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [tmp_path / "mirror"]  # no temp folder left behind
+
+
+def test_a_relative_folder_that_is_not_there_says_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synthetic_checksums: dict
+) -> None:
+    monkeypatch.chdir(tmp_path)  # as a queued experiment runs in .dvc/tmp/exps/<copy>
+    with pytest.raises(PipelineError) as error:
+        download.download_all(["../shared/mnist"], tmp_path / "raw", 5, synthetic_checksums)
+    assert (
+        f"../shared/mnist: no such folder ../shared/mnist (relative to {tmp_path}: queued "
+        "experiments run in a copy under .dvc/tmp/exps/, so give an absolute path)"
+    ) in str(error.value)
 
 
 def test_failure_after_some_files_keeps_previous_output(
@@ -115,6 +128,41 @@ def test_gzip_bomb_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(download, "MAX_BYTES", 1000)
     with pytest.raises(download.MirrorError, match="inflates to more than 1000 bytes"):
         download.decompress_and_verify(gzip.compress(bytes(5000)), "0" * 64)
+
+
+@pytest.mark.parametrize("kind", ["folder", "http"])
+def test_a_mirror_serving_too_much_is_cut_off_while_reading(
+    http_mirror: str, synthetic_mirror: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A wrong URL can serve anything: reading stops past MAX_BYTES, before the
+    whole of it is in memory (the gzip check would only come after)."""
+    monkeypatch.setattr(download, "MAX_BYTES", 1000)
+    source = str(synthetic_mirror) if kind == "folder" else http_mirror + "ok/"
+    with pytest.raises(download.MirrorError, match="^more than 1000 bytes: not an MNIST file"):
+        download.fetch(source, "train-images-idx3-ubyte.gz", 5)
+
+
+def test_a_mirror_that_stops_answering_times_out() -> None:
+    """A server that accepts the connection and never answers: the mirror counts as
+    unreachable after data.timeout_s, instead of hanging the stage."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # connections complete, but nothing ever reads or answers them
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/"
+        errors = []
+
+        def fetch() -> None:
+            try:
+                download.fetch(url, "train-images-idx3-ubyte.gz", 0.5)
+            except download.MirrorError as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=fetch, daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "still waiting after 10 s with a 0.5 s timeout"
+    assert len(errors) == 1 and errors[0].unreachable
+    assert "timed out" in str(errors[0])
 
 
 def test_env_mirror_comes_first_and_is_not_repeated() -> None:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pandas as pd
 import pytest
 import torch
+from conftest import committed_params_text, write_params
 
 import evaluate
-from common import cpu_has_amx, parse_section
+from common import load_paths, parse_section, save_torch
+from device import cpu_has_amx
 from model import resnet18
 
 
@@ -39,6 +45,16 @@ def test_evaluate_outputs() -> None:
     wrong = results["misclassified"].iloc[0]
     assert (wrong["index"], wrong["actual"], wrong["predicted"]) == (2, 7, 1)
     assert wrong["confidence"] == pytest.approx(logits[2].softmax(0)[1].item())
+
+
+def test_macro_f1_is_the_mean_f1_over_the_classes() -> None:
+    labels = torch.arange(10).repeat(2)
+    predictions = labels.clone()
+    predictions[7] = 1  # one 7 taken for a 1: F1 of 7 is 2/3, of 1 is 0.8, the rest 1
+    logits = torch.nn.functional.one_hot(predictions, 10).float()
+    test = evaluate.evaluate(logits, labels)["metrics"]["test"]
+    assert test["macro_f1"] == pytest.approx((8 + 2 / 3 + 0.8) / 10)
+    assert (test["accuracy"], test["errors"]) == (0.95, 1)
 
 
 CPU = torch.device("cpu")
@@ -103,3 +119,43 @@ def test_inference_in_each_precision_and_layout_agrees_with_plain_fp32() -> None
         # the activations ran in the layout asked for (NHWC is only visible past the
         # one-channel input, so look at what enters layer1)
         assert layer1_inputs[-1] == ("nhwc" if channels_last else "nchw"), settings
+
+
+def test_main_evaluates_the_saved_model_on_the_test_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "params.yaml").write_text(committed_params_text())
+    settings = {"device": "cpu", "precision": "fp32", "channels_last": False, "batch_size": 16}
+    write_params(tmp_path, {"evaluate": settings})
+    paths = load_paths(tmp_path / "params.yaml")
+    torch.manual_seed(0)
+    net = resnet18(width=4)
+    stats = {"mean": 0.13, "std": 0.31}
+    saved = {"state_dict": net.state_dict(), "params": {"model": {"width": 4}}, "stats": stats}
+    save_torch(saved, tmp_path / paths.model)
+    processed = tmp_path / paths.processed
+    processed.mkdir(parents=True)
+    split = {
+        name: {
+            "images": torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8),
+            "labels": torch.randint(0, 10, (n,)),
+        }
+        for name, n in (("test", 30), ("val", 20), ("train", 20))
+    }
+    for name, tensors in split.items():
+        save_torch(tensors, processed / f"{name}.pt")
+    monkeypatch.chdir(tmp_path)
+    evaluate.main()
+
+    plain = evaluate.Settings(CPU, "fp32", False, 16)
+    test = split["test"]
+    expected = evaluate.evaluate(
+        evaluate.inference_logits(net.eval(), test["images"], stats, plain), test["labels"]
+    )
+    report = tmp_path / paths.eval_report
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["test"]["images"] == 30
+    assert metrics["test"] == pytest.approx(expected["metrics"]["test"])
+    for name in ("per_class", "confusion", "misclassified"):
+        written = pd.read_csv(report / f"{name}.csv")
+        pd.testing.assert_frame_equal(written, expected[name], check_dtype=False, atol=1e-6)

@@ -90,3 +90,30 @@ def test_predict_logits_batches_agree_with_one_pass() -> None:
     with torch.no_grad():
         whole = net(normalise(images, 0.13, 0.3))
     torch.testing.assert_close(predict_logits(net, images, 0.13, 0.3, batch_size=8), whole)
+
+
+def test_normalise_scales_to_unit_range_then_standardises() -> None:
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).reshape(3, 1, 1, 1)
+    out = normalise(images, 0.2, 0.4)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.flatten(), torch.tensor([-0.5, 0.0, 2.0]))
+    assert images.flatten().tolist() == [0, 51, 255]  # the input is not touched
+
+
+def test_predict_logits_uses_running_statistics_and_leaves_them() -> None:
+    """Validation during training calls it on a network in training mode: it must use
+    (and not update) BatchNorm's running statistics, like the evaluate stage."""
+    torch.manual_seed(0)
+    net = resnet18(width=4)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    images = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
+    logits = predict_logits(net.train(), images, 0.13, 0.3, batch_size=4)
+    with torch.no_grad():
+        expected = net.eval()(normalise(images, 0.13, 0.3))
+    torch.testing.assert_close(logits, expected)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, saved[key]), key

@@ -3,6 +3,7 @@ clear line; dvc.yaml declares exactly the keys each stage reads."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 import sys
@@ -71,6 +72,33 @@ def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads() -> None:
         read = {f"{c.SECTION}.{f.name}" for c in classes for f in dataclasses.fields(c)}
         assert set(stages[stage]["params"]) == read, stage
         assert f"src/{stage}.py" in stages[stage]["deps"]
+
+
+def local_imports(script: Path) -> set[str]:
+    """The modules of src/ that `script` imports, directly or through each other."""
+    seen, todo = set(), [script]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            for name in names:
+                module = ROOT / "src" / f"{name.split('.')[0]}.py"
+                if module.exists() and module.name not in seen:
+                    seen.add(module.name)
+                    todo.append(module)
+    return {f"src/{name}" for name in seen}
+
+
+def test_each_stage_depends_on_exactly_the_code_it_runs() -> None:
+    """So that a change to code a stage does not run never reruns it (a benchmark or a
+    test helper, say), and a change to code it runs always does."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        script = stage["cmd"].split()[-1]
+        code = {dep for dep in stage["deps"] if dep.startswith("src/")}
+        assert code == {script} | local_imports(ROOT / script), name
 
 
 def test_unknown_key_suggests_the_closest() -> None:
@@ -184,7 +212,12 @@ def test_stage_stops_before_any_work_with_one_line(project: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: train.lr = -1.0 is not allowed: a number > 0"
     ]
-    assert not (project / "models").exists() and not (project / "reports").exists()
+    # nothing written but the stage's lock (git-ignored scratch)
+    assert [str(p.relative_to(project)) for p in (project / "models").rglob("*")] == [
+        "models/checkpoints",
+        "models/checkpoints/train.lock",
+    ]
+    assert not (project / "reports").exists()
 
 
 def test_missing_device_is_an_error_not_a_fallback(project: Path) -> None:

@@ -3,22 +3,25 @@ MNIST_MIRROR) with the tiny params: what a user does, end to end."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import run_cmd, wait_until, write_params
+from conftest import init_repo, make_project, run_cmd, wait_until, write_params
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["download", "preprocess", "train", "evaluate", "plot"]
+STAGES = ["check_params", "download", "preprocess", "train", "evaluate", "plot"]
 
 
 def ran(output: str) -> list[str]:
@@ -40,17 +43,23 @@ def plot_data(page: str) -> dict[str, list[dict]]:
     return plots
 
 
-def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
+def dvc_cli(project: Path, mirror: str) -> Callable[..., str]:
     def dvc(*args: str) -> str:
-        result = run_cmd(
-            [sys.executable, "-m", "dvc", *args], cwd=project, MNIST_MIRROR=mnist_mirror
-        )
+        result = run_cmd([sys.executable, "-m", "dvc", *args], cwd=project, MNIST_MIRROR=mirror)
         return result.stdout + result.stderr
 
-    run_cmd(["git", "init", "-q"], cwd=project)
-    dvc("init", "-q")
-    run_cmd(["git", "add", "-A"], cwd=project)
-    run_cmd(["git", "commit", "-qm", "project"], cwd=project)
+    return dvc
+
+
+def new_repo(project: Path, params: dict) -> None:
+    write_params(project, params)
+    init_repo(project)
+
+
+def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
+    dvc = dvc_cli(project, mnist_mirror)
+
+    init_repo(project)
 
     # dvc repro runs every stage; a second one runs nothing
     assert ran(dvc("repro")) == STAGES
@@ -69,7 +78,7 @@ def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
         "reports/plots/per_class_accuracy.png",
     ):
         assert (project / path).exists(), path
-    assert not (project / "models/checkpoint.pt").exists()
+    assert not list((project / "models").glob("checkpoints/*.pt"))
     second = dvc("repro")
     assert ran(second) == [] and "Data and pipelines are up to date" in second
     test = json.loads((project / "reports/eval/metrics.json").read_text())["test"]
@@ -81,6 +90,26 @@ def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
     run_cmd(["git", "add", "-A"], cwd=project)
     run_cmd(["git", "commit", "-qm", "baseline"], cwd=project)
 
+    # sharing: a DVC remote and a git remote; a fresh clone pulls and reruns nothing
+    storage, origin, clone = (project.parent / name for name in ("storage", "origin", "clone"))
+    dvc("remote", "add", "-d", "storage", str(storage))
+    run_cmd(["git", "commit", "-qam", "remote"], cwd=project)
+    assert "pushed" in dvc("push")
+    run_cmd(["git", "init", "-q", "--bare", str(origin)], cwd=project)
+    run_cmd(["git", "remote", "add", "origin", str(origin)], cwd=project)
+    run_cmd(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], cwd=project)
+    run_cmd(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], cwd=project.parent)
+    in_clone = dvc_cli(clone, "")
+    in_clone("pull")
+    assert "Data and pipelines are up to date" in in_clone("status")
+    assert ran(in_clone("repro")) == []
+    for path in ("models/model.pt", "data/processed/train.pt", "reports/eval/metrics.json"):
+        assert (clone / path).read_bytes() == (project / path).read_bytes(), path
+    # the model registry's view: the artifact declared in dvc.yaml, fetched from the remote
+    got = project.parent / "artifact.pt"
+    dvc("artifacts", "get", str(origin), "resnet18-mnist", "--rev", "main", "-o", str(got))
+    assert got.read_bytes() == (project / "models/model.pt").read_bytes()
+
     # from clean again: byte-identical data, model and test metrics (CPU, same seed)
     first = lock_hashes(project)
     assert ran(dvc("repro", "--force")) == STAGES
@@ -89,9 +118,28 @@ def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
         assert again[path] == first[path], path
     run_cmd(["git", "checkout", "--", "."], cwd=project)  # the baseline's timing figures
 
+    # a bad value, or a misspelt key, fails before any stage's outputs are touched
+    outputs = ["models/model.pt", "reports/eval/metrics.json", "reports/plots/misclassified.png"]
+    before = {path: (project / path).read_bytes() for path in outputs}
+    for bad, message in (
+        ("train.lr=abc", "train.lr = 'abc' is not allowed: a finite number"),
+        ("+train.learnign_rate=0.1", "unknown key 'train.learnign_rate' (did you mean"),
+    ):
+        result = run_cmd(
+            [sys.executable, "-m", "dvc", "exp", "run", "-S", bad],
+            cwd=project,
+            check=False,
+            MNIST_MIRROR=mnist_mirror,
+        )
+        assert result.returncode != 0
+        assert ran(result.stdout + result.stderr) == ["check_params"]
+        assert f"error: params.yaml: {message}" in result.stderr
+        assert {path: (project / path).read_bytes() for path in outputs} == before, bad
+        run_cmd(["git", "checkout", "--", "params.yaml"], cwd=project)
+
     # an experiment on a train param reruns train and its descendants only
     exp = dvc("exp", "run", "-S", "train.lr=0.01", "-n", "low-lr")
-    assert ran(exp) == ["train", "evaluate", "plot"]
+    assert ran(exp) == ["check_params", "train", "evaluate", "plot"]
     shown = dvc("exp", "show", "--csv")
     assert "low-lr" in shown and "0.01" in shown
     header = shown.splitlines()[0]
@@ -123,55 +171,124 @@ def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
     assert {row["rev"] for row in diff["Accuracy_per_epoch"]} == {"HEAD", "low-lr"}
     assert len(diff["Confusion_matrix__test_"]) == 400
 
+    # experiments travel through the git remote; a sweep runs through DVC's queue, in
+    # temporary copies of the clone that take the data from the DVC cache (no mirror)
+    dvc("exp", "push", "origin", "low-lr")
+    in_clone("exp", "pull", "origin", "low-lr")
+    assert "low-lr" in in_clone("exp", "show", "--csv")
+    queued = in_clone("exp", "run", "--queue", "-S", "train.lr=0.02,0.05")
+    assert queued.count("Queued experiment") == 2, queued
+    in_clone("queue", "start", "-j", "1")
+    wait_until(
+        lambda: (
+            "Queued" not in in_clone("queue", "status")
+            and "Running" not in in_clone("queue", "status")
+        ),
+        seconds=600,
+    )
+    status = in_clone("queue", "status")
+    assert status.count("Success") == 2, status
+    rows = list(csv.DictReader(io.StringIO(in_clone("exp", "show", "--csv"))))
+    swept = {row["train.lr"]: row["test.accuracy"] for row in rows if row["Experiment"]}
+    assert {"0.02", "0.05"} <= set(swept) and all(swept[lr] for lr in ("0.02", "0.05")), swept
 
+
+# Big enough to learn (the accuracy floor below) and to interrupt in epoch 2 of 4.
+INTERRUPTED = {"preprocess": {"train_limit": 2000}, "train": {"epochs": 4, "batch_size": 100}}
+ACCURACY_FLOOR = 0.8  # chance is 0.1; this run reached 0.9 (width 4, 2,000 images)
+
+
+def stage_pids(project: Path) -> list[int]:
+    """The processes running one of the project's stage scripts."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if any(a.startswith(b"src/") for a in argv) and os.readlink(entry / "cwd") == str(
+                project
+            ):
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: str) -> dict:
+    """The model, validation curve and test accuracy of a run never interrupted."""
+    project = make_project(tmp_path_factory.mktemp("straight") / "project")
+    new_repo(project, INTERRUPTED)
+    out = dvc_cli(project, mnist_mirror)("repro")
+    assert ran(out) == STAGES and "resuming" not in out
+    return {
+        "model": torch.load(project / "models/model.pt", weights_only=True)["state_dict"],
+        "val": (project / "reports/train/plots/metrics/val/acc.tsv").read_text(),
+        "test": json.loads((project / "reports/eval/metrics.json").read_text())["test"],
+    }
+
+
+def test_a_run_never_interrupted_learns(straight_run: dict) -> None:
+    assert straight_run["test"]["accuracy"] >= ACCURACY_FLOOR
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the stage's process in /proc")
 @pytest.mark.parametrize(
-    ("signum", "returncode"),
-    [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGKILL, -signal.SIGKILL)],
+    ("target", "signum"),
+    [
+        ("stage", signal.SIGINT),  # Ctrl-C
+        ("stage", signal.SIGKILL),  # no clean-up at all: the last checkpoint is what is left
+        ("dvc", signal.SIGTERM),  # a job scheduler stopping `dvc repro`
+        ("dvc", signal.SIGKILL),
+    ],
 )
 def test_interrupted_training_resumes_to_the_same_model(
-    project: Path, mnist_mirror: str, signum: int, returncode: int
+    project: Path, mnist_mirror: str, straight_run: dict, target: str, signum: int
 ) -> None:
-    write_params(
-        project, {"preprocess": {"train_limit": 2000}, "train": {"epochs": 4, "batch_size": 100}}
-    )
-    env = {"MNIST_MIRROR": mnist_mirror}
-    run_cmd([sys.executable, "src/download.py"], cwd=project, **env)
-    run_cmd([sys.executable, "src/preprocess.py"], cwd=project, **env)
-    checkpoint, model = project / "models/checkpoint.pt", project / "models/model.pt"
-    process = subprocess.Popen(
-        [sys.executable, "src/train.py"],
+    new_repo(project, INTERRUPTED)
+    dvc = dvc_cli(project, mnist_mirror)
+    checkpoints = project / "models/checkpoints"
+    repro = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"],
         cwd=project,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        env=os.environ | {"MNIST_MIRROR": mnist_mirror, "PYTHONUNBUFFERED": "1"},
         # Ctrl-C as in a terminal, even where pytest itself runs with SIGINT ignored (`&`)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    wait_until(lambda: checkpoint.exists() or process.poll() is not None, seconds=120)
-    process.send_signal(signum)  # during epoch 2 of 4
     try:
-        out, err = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:  # fail, and leave no stuck process behind
-        process.kill()
-        out, err = process.communicate()
-        pytest.fail(f"train.py still running 60 s after signal {signum}:\n{out}{err}")
-    assert process.returncode == returncode, out + err
-    assert checkpoint.exists() and not model.exists()
+        wait_until(lambda: any(checkpoints.glob("*.pt")) or repro.poll() is not None, 300)
+        stages = stage_pids(project)
+        assert len(stages) == 1, stages  # train, in epoch 2 of 4
+        os.kill(repro.pid if target == "dvc" else stages[0], signum)
+        repro.wait(timeout=60)
+        wait_until(lambda: not stage_pids(project), seconds=5)
+        assert stage_pids(project) == [], f"the stage outlived {target} by 5 s"
+    finally:
+        repro.kill()
+        for pid in stage_pids(project):
+            os.kill(pid, signal.SIGKILL)
+    output = repro.stdout.read()
+    assert ("interrupted" in output) == (signum != signal.SIGKILL or target == "dvc"), output
+    assert not (project / "models/model.pt").exists()
+    [checkpoint] = checkpoints.glob("*.pt")
 
-    resumed = run_cmd([sys.executable, "src/train.py"], cwd=project)
-    assert "resuming from models/checkpoint.pt after epoch" in resumed.stdout
-    assert model.exists() and not checkpoint.exists()
+    if target == "dvc" and signum == signal.SIGKILL:
+        # an experiment with other params in between keeps the interrupted run's state
+        exp = dvc("exp", "run", "-S", "train.lr=0.05", "-S", "train.epochs=1")
+        assert ran(exp) == ["check_params", "train", "evaluate", "plot"]
+        assert list(checkpoints.glob("*.pt")) == [checkpoint]
+        run_cmd(["git", "checkout", "--", "params.yaml"], cwd=project)
+
+    resumed = dvc("repro")
+    assert f"resuming from {checkpoint.relative_to(project)} after epoch " in resumed
+    assert "/4" in resumed.split("resuming")[1].splitlines()[0]
+    assert list(checkpoints.glob("*.pt")) == []  # deleted once its run completed
     loss = (project / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in loss[1:]] == ["1", "2", "3", "4"]
-
     # the same as a run that was never interrupted (CPU, same seed)
-    resumed_model = torch.load(model, weights_only=True)
-    resumed_val = (project / "reports/train/plots/metrics/val/acc.tsv").read_text()
-    model.unlink()
-    straight = run_cmd([sys.executable, "src/train.py"], cwd=project)
-    assert "resuming" not in straight.stdout
-    straight_model = torch.load(model, weights_only=True)
-    for key, value in straight_model["state_dict"].items():
-        assert torch.equal(value, resumed_model["state_dict"][key]), key
-    assert (project / "reports/train/plots/metrics/val/acc.tsv").read_text() == resumed_val
+    model = torch.load(project / "models/model.pt", weights_only=True)["state_dict"]
+    for key, value in straight_run["model"].items():
+        assert torch.equal(value, model[key]), key
+    assert (project / "reports/train/plots/metrics/val/acc.tsv").read_text() == straight_run["val"]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import idx_bytes, synthetic_digits
+from conftest import committed_params_text, idx_bytes, synthetic_digits, write_params
 
 import preprocess
-from common import PipelineError
+from common import RAW_FILES, PipelineError, load_torch
 from preprocess import PreprocessParams
 
 
@@ -35,6 +36,8 @@ def test_reads_images_and_labels(tmp_path: Path) -> None:
         (lambda: idx_bytes(np.zeros(5, np.uint8)), "magic number 0x00000801, expected 0x00000803"),
         (lambda: idx_bytes(np.zeros((3, 27, 28), np.uint8)), "images are (27, 28)"),
         (lambda: idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-10], "but the file has 2358 bytes"),
+        # bytes after the payload: a concatenated or corrupted file, not three images
+        (lambda: idx_bytes(np.zeros((3, 28, 28), np.uint8)) + b"\x00", "the file has 2369 bytes"),
         (lambda: b"\x00\x00", "magic number missing"),
         (lambda: idx_bytes(np.zeros((3, 28, 28), np.uint8))[:10], "shorter than its IDX header"),
     ],
@@ -50,6 +53,9 @@ def test_bad_labels(tmp_path: Path) -> None:
     path = write(tmp_path / "labels", idx_bytes(np.array([1, 2, 10], np.uint8)))
     with pytest.raises(PipelineError, match="labels: label 10 is outside 0..9"):
         preprocess.read_idx_labels(path)
+    longer = write(tmp_path / "longer", idx_bytes(np.array([1, 2, 3], np.uint8)) + b"\x04")
+    with pytest.raises(PipelineError, match=r"header says \[3\] \(11 bytes\) but the file has 12"):
+        preprocess.read_idx_labels(longer)
 
 
 def test_image_and_label_counts_must_agree(tmp_path: Path) -> None:
@@ -122,6 +128,16 @@ def test_test_subset_does_not_depend_on_the_other_splits() -> None:
     assert torch.equal(a["test"]["images"], b["test"]["images"])
 
 
+def test_every_split_depends_on_the_seed() -> None:
+    train, test = make_data()
+    a = preprocess.make_splits(train, test, PreprocessParams(50, 200, 30, seed=0))
+    again = preprocess.make_splits(train, test, PreprocessParams(50, 200, 30, seed=0))
+    b = preprocess.make_splits(train, test, PreprocessParams(50, 200, 30, seed=1))
+    for name in ("train", "val", "test"):
+        assert torch.equal(a[name]["images"], again[name]["images"]), name
+        assert not torch.equal(a[name]["images"], b[name]["images"]), name
+
+
 def test_validation_images_are_not_training_images() -> None:
     train, test = make_data()
     splits = preprocess.make_splits(train, test, PreprocessParams(50, 0, 0, seed=0))
@@ -148,3 +164,44 @@ def test_normalisation_stats_match_float64() -> None:
     scaled = images.double() / 255
     assert mean == pytest.approx(scaled.mean().item(), abs=1e-12)
     assert std == pytest.approx(scaled.std(unbiased=False).item(), abs=1e-12)
+
+
+def test_main_splits_the_training_file_and_keeps_the_test_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synthetic_files: dict[str, bytes]
+) -> None:
+    """The stage end to end on the synthetic files: 300 training and 100 test images,
+    so a mix-up of the two files shows in the sizes as well as in the images."""
+    (tmp_path / "params.yaml").write_text(committed_params_text())
+    write_params(tmp_path, {"preprocess": {"val_size": 50, "train_limit": 0, "test_limit": 0}})
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    for name, data in synthetic_files.items():
+        write(raw / name, data)
+    monkeypatch.chdir(tmp_path)
+    preprocess.main()
+
+    out = tmp_path / "data/processed"
+    splits = {name: load_torch(out / f"{name}.pt") for name in ("train", "val", "test")}
+    stats = json.loads((out / "stats.json").read_text())
+    assert {k: stats[f"{k}_size"] for k in splits} == {"train": 250, "val": 50, "test": 100}
+    train_x, train_y = preprocess.read_split(
+        raw / RAW_FILES["train_images"], raw / RAW_FILES["train_labels"]
+    )
+    test_x, test_y = preprocess.read_split(
+        raw / RAW_FILES["test_images"], raw / RAW_FILES["test_labels"]
+    )
+    # the test file whole and in order; train and val together the training file, each
+    # image with its own label
+    assert torch.equal(splits["test"]["images"], preprocess.resize(test_x))
+    assert torch.equal(splits["test"]["labels"], test_y)
+    label_of = {
+        bytes(x.numpy()): int(y) for x, y in zip(preprocess.resize(train_x), train_y, strict=True)
+    }
+    pairs = [
+        (bytes(x.numpy()), int(y))
+        for name in ("train", "val")
+        for x, y in zip(splits[name]["images"], splits[name]["labels"], strict=True)
+    ]
+    assert sorted(pairs) == sorted(label_of.items())
+    mean, std = preprocess.normalisation_stats(splits["train"]["images"])
+    assert (stats["mean"], stats["std"]) == (mean, std)  # of the training split only

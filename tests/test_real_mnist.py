@@ -24,9 +24,30 @@ def raw_dir(mnist_mirror: str, tmp_path_factory: pytest.TempPathFactory) -> Path
     return out
 
 
-def test_checksums_of_downloaded_files(raw_dir: Path) -> None:
-    for name, sha in download.SHA256.items():
-        assert hashlib.sha256((raw_dir / name).read_bytes()).hexdigest() == sha
+def mirror_checksums(mnist_mirror: str) -> dict[str, str]:
+    """The mirror's own list of SHA-256 of the decompressed files: a source that
+    the download code does not read."""
+    sums = Path(mnist_mirror) / "SHA256SUMS.decompressed"
+    if "://" in mnist_mirror or not sums.exists():
+        pytest.skip(f"no SHA256SUMS.decompressed in MNIST_MIRROR={mnist_mirror}")
+    pairs = (line.split() for line in sums.read_text().splitlines() if line.strip())
+    return {name: digest for digest, name in pairs}
+
+
+def test_download_verifies_against_the_real_mnist(mnist_mirror: str) -> None:
+    """The SHA-256 that download checks every file against are those of the real
+    MNIST, one for each file that preprocess reads; a changed or missing one here
+    would let other bytes through, or fail every real download."""
+    assert mirror_checksums(mnist_mirror) == download.SHA256
+    assert set(download.SHA256) == set(RAW_FILES.values())
+
+
+def test_downloaded_files_are_the_real_mnist_and_nothing_else(
+    raw_dir: Path, mnist_mirror: str
+) -> None:
+    expected = mirror_checksums(mnist_mirror)
+    written = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in raw_dir.iterdir()}
+    assert written == expected
 
 
 def test_counts_per_class_and_pixel_statistics(raw_dir: Path) -> None:

@@ -1,0 +1,164 @@
+"""A stage's process: it stops when the process that started it dies (however), and two
+runs of one stage never write one workspace's outputs at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, wait_until, write_params
+
+import process
+from common import PipelineError
+
+# A stand-in stage: runs under process.run like every stage, says it started, and
+# records that its `finally` ran (the atomic writes' clean-up runs there).
+STAGE = """
+import sys, time
+sys.path.insert(0, {src!r})
+import process
+
+def main():
+    open("started", "w").close()
+    try:
+        while True:
+            time.sleep(0.05)
+    finally:
+        open("cleaned-up", "w").close()
+
+process.run(main)
+"""
+
+# A stand-in for `dvc`, named dvc as DVC's entry point is: starts the stage as DVC does
+# (DVC_STAGE set; through a shell, as with SHELL=/bin/sh, or directly) and waits.
+FAKE_DVC = """
+import os, subprocess, sys, time
+command = [sys.executable, "stage.py"]
+if sys.argv[1] == "shell":
+    command = ["/bin/sh", "-c", " ".join(command) + "; true"]  # `; true`: sh cannot exec
+subprocess.Popen(command, env=os.environ | {{"DVC_STAGE": "train"}})
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stage_pid(folder: Path) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if b"stage.py" in argv and Path(os.readlink(entry / "cwd")) == folder:
+                    return int(entry.name)
+            except OSError:
+                continue
+    raise AssertionError("the stage process was not found")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("launch", ["direct", "shell"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL, signal.SIGHUP])
+def test_a_stage_stops_when_its_dvc_process_dies(tmp_path: Path, launch: str, signum: int) -> None:
+    (tmp_path / "stage.py").write_text(STAGE.format(src=str(ROOT / "src")))
+    (tmp_path / "dvc").write_text(FAKE_DVC.format())
+    dvc = subprocess.Popen([sys.executable, "dvc", launch], cwd=tmp_path)
+    pid = 0
+    try:
+        wait_until(lambda: (tmp_path / "started").exists(), seconds=30)
+        assert (tmp_path / "started").exists(), "the stage did not start"
+        pid = stage_pid(tmp_path)
+        dvc.send_signal(signum)
+        dvc.wait(timeout=10)
+        start = time.monotonic()
+        wait_until(lambda: not alive(pid), seconds=10)
+        assert not alive(pid), f"the stage outlived its dvc process by 10 s ({launch})"
+        assert time.monotonic() - start < 5
+        assert (tmp_path / "cleaned-up").exists()  # it stopped as an interrupt stops it
+    finally:
+        dvc.kill()
+        dvc.wait()
+        if pid and alive(pid):  # leave nothing running behind a failed test
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_holder_of_a_stage_lock_is_refused_naming_the_first(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+                import sys, time
+                sys.path.insert(0, {str(ROOT / "src")!r})
+                import process
+                with process.exclusive("train", {str(tmp_path)!r}):
+                    print("held", flush=True)
+                    time.sleep(600)
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(PipelineError) as error, process.exclusive("train", tmp_path):
+            pass
+        assert f"another run of the train stage (pid {holder.pid})" in str(error.value)
+        with process.exclusive("evaluate", tmp_path):  # another stage: its own lock
+            pass
+    finally:
+        holder.kill()  # the operating system releases the lock of a killed holder
+        holder.wait()
+    with process.exclusive("train", tmp_path):
+        assert (tmp_path / "train.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_second_trainer_fails_at_once_naming_the_first(project: Path) -> None:
+    processed = project / "data/processed"
+    processed.mkdir(parents=True)
+    for split, n in (("train", 400), ("val", 50)):
+        images = torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8)
+        torch.save({"images": images, "labels": torch.arange(n) % 10}, processed / f"{split}.pt")
+    (processed / "stats.json").write_text('{"mean": 0.5, "std": 0.3}')
+    write_params(project, TINY | {"train": TINY["train"] | {"epochs": 500}})
+    first = subprocess.Popen(
+        [sys.executable, "src/train.py"],
+        cwd=project,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    lock = project / "models/checkpoints/train.lock"
+    try:
+        wait_until(lambda: lock.exists() and lock.read_text().strip() != "", seconds=30)
+        start = time.monotonic()
+        second = subprocess.run(
+            [sys.executable, "src/train.py"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=60,  # a second trainer that is not refused would train on
+        )
+        assert second.returncode == 1
+        assert second.stderr.splitlines() == [
+            f"error: another run of the train stage (pid {first.pid}) is writing this "
+            "workspace's outputs (models/checkpoints/train.lock is locked): wait for it, "
+            "or stop it"
+        ]
+        assert time.monotonic() - start < 30  # at once: before loading data or torch work
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+    assert not (project / "models/model.pt").exists()
