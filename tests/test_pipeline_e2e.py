@@ -95,7 +95,7 @@ def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
     dvc("remote", "add", "-d", "storage", str(storage))
     run_cmd(["git", "commit", "-qam", "remote"], cwd=project)
     assert "pushed" in dvc("push")
-    run_cmd(["git", "init", "-q", "--bare", str(origin)], cwd=project)
+    run_cmd(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], cwd=project)
     run_cmd(["git", "remote", "add", "origin", str(origin)], cwd=project)
     run_cmd(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], cwd=project)
     run_cmd(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], cwd=project.parent)
@@ -105,9 +105,12 @@ def test_dvc_workflow(project: Path, mnist_mirror: str) -> None:
     assert ran(in_clone("repro")) == []
     for path in ("models/model.pt", "data/processed/train.pt", "reports/eval/metrics.json"):
         assert (clone / path).read_bytes() == (project / path).read_bytes(), path
-    # the model registry's view: the artifact declared in dvc.yaml, fetched from the remote
+    # the model registry's view: the artifact declared in dvc.yaml, a version registered
+    # as GTO does it (an annotated git tag), fetched from the DVC remote
+    run_cmd(["git", "tag", "-a", "resnet18-mnist@v0.1.0", "-m", "baseline"], cwd=project)
+    run_cmd(["git", "push", "-q", "origin", "resnet18-mnist@v0.1.0"], cwd=project)
     got = project.parent / "artifact.pt"
-    dvc("artifacts", "get", str(origin), "resnet18-mnist", "--rev", "main", "-o", str(got))
+    dvc("artifacts", "get", str(origin), "resnet18-mnist", "-o", str(got))
     assert got.read_bytes() == (project / "models/model.pt").read_bytes()
 
     # from clean again: byte-identical data, model and test metrics (CPU, same seed)
