@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,15 @@ from torch import nn
 from common import load_torch, save_torch
 
 KEEP_OTHER_RUNS = 3  # unfinished runs besides the current one: ~270 MB at width 64
+RUN_FILE = re.compile(r"[0-9a-f]{16}\.pt")  # what checkpoint_path() names; nothing else goes
 
 
-def fingerprint(params: list[Any], settings: str, data_files: list[Path]) -> str:
+def fingerprint(params: list[Any], settings: str, files: list[Path]) -> str:
     """Identifies a training run: its params dataclasses, its resolved settings and the
-    bytes of its data. A checkpoint is resumed only by the same run."""
+    bytes of its files (data and code). A checkpoint is resumed only by the same run."""
     run = [dataclasses.asdict(p) for p in params] + [settings]
     h = hashlib.sha256(json.dumps(run, sort_keys=True).encode())
-    for path in data_files:
+    for path in files:
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -44,7 +46,7 @@ def checkpoint_path(folder: str | Path, run_id: str) -> Path:
 def prune_other_runs(own: Path, keep: int = KEEP_OTHER_RUNS) -> list[Path]:
     """Delete all but the `keep` most recently written checkpoints beside `own` (never
     `own` itself); return those deleted."""
-    others = [p for p in own.parent.glob("*.pt") if p != own]
+    others = [p for p in own.parent.glob("*.pt") if RUN_FILE.fullmatch(p.name) and p != own]
     others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for path in others[keep:]:
         path.unlink(missing_ok=True)

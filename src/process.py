@@ -72,13 +72,14 @@ WATCH_INTERVAL_S = 0.5
 
 
 def _start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (field 22 of /proc/PID/stat), None if it is gone:
-    with the pid it identifies a process even after the pid is reused."""
+    """The kernel's start time of `pid` (field 22 of /proc/PID/stat), None if it is gone
+    or a zombie (dead, not yet reaped): with the pid it identifies a process even after
+    the pid is reused."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def _parent_of(pid: int) -> int:
@@ -96,17 +97,34 @@ def _is_dvc(pid: int) -> bool:
     return any(Path(a.decode(errors="replace")).name == "dvc" for a in argv[:3])
 
 
-def _watched_ancestors() -> list[tuple[int, str | None]]:
+def _watched_ancestors() -> list[tuple[int, str | None]] | None:
     """The processes whose death must stop this stage: the parent and, under DVC (which
     sets DVC_STAGE), every ancestor up to the `dvc` process itself, since a shell such
-    as dash stays between DVC and the command. Pairs of (pid, start time)."""
+    as dash stays between DVC and the command. Pairs of (pid, start time); None when
+    DVC has already died (killed while this stage was still importing its modules:
+    the chain then ends at init, or at a subreaper, without a `dvc`)."""
     chain = [os.getppid()]
     if os.environ.get("DVC_STAGE") and Path("/proc").is_dir():
         while len(chain) < 8 and not _is_dvc(chain[-1]) and _parent_of(chain[-1]) > 1:
             chain.append(_parent_of(chain[-1]))
         if not _is_dvc(chain[-1]):
+            if _parent_of(chain[-1]) <= 1 and len(chain) < 8:
+                return None
             chain = chain[:1]
     return [(pid, _start_time(pid)) for pid in chain]
+
+
+# Seconds a stage has, once told to stop, to finish its atomic writes before it is ended.
+STOP_GRACE_S = 30.0
+
+
+def _stop_self() -> None:
+    """SIGTERM to this process: the stage stops as an interrupt stops it. If it has not
+    ended STOP_GRACE_S later (stuck in a C call, or in a hang), end it outright, so
+    that an orphaned stage never runs on holding its lock."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(STOP_GRACE_S)
+    os._exit(130)
 
 
 def _watch(ancestors: list[tuple[int, str | None]], parent: int) -> None:
@@ -115,9 +133,8 @@ def _watch(ancestors: list[tuple[int, str | None]], parent: int) -> None:
         gone = os.getppid() != parent or any(
             start is not None and _start_time(pid) != start for pid, start in ancestors
         )
-        if gone:  # as SIGTERM: the stage stops the way an interrupt stops it
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+        if gone:
+            _stop_self()
 
 
 _watching = False
@@ -141,8 +158,9 @@ def stop_with_parent() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
     ancestors = _watched_ancestors()
-    if os.getppid() != parent:  # it died before the line above took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    if ancestors is None or os.getppid() != parent:  # dvc died before we watched
+        threading.Thread(target=_stop_self, daemon=True).start()
+        return
     threading.Thread(target=_watch, args=(ancestors, parent), daemon=True).start()
 
 

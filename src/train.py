@@ -252,6 +252,7 @@ class Data:
     std: float
 
 
+TRAINING_CODE = ("train.py", "model.py", "checkpoint.py")  # beside this file
 PROGRESS_EVERY_S = 60.0  # seconds between progress lines when stdout is no terminal
 
 
@@ -428,7 +429,11 @@ def main() -> None:
     processed = Path(paths.processed)
     data = load_data(processed, settings.device)
     data_files = [processed / name for name in ("train.pt", "val.pt", "stats.json")]
-    run_id = fingerprint([model_p, p], settings.describe(), data_files)
+    # the training code and torch too: after a change to either, no checkpoint resumes
+    code_files = [Path(__file__).with_name(name) for name in TRAINING_CODE]
+    run_id = fingerprint(
+        [model_p, p], f"{settings.describe()}, torch {torch.__version__}", data_files + code_files
+    )
     checkpoint = checkpoint_path(paths.checkpoints, run_id)
     others = sorted(str(c) for c in prune_other_runs(checkpoint))
     if others:

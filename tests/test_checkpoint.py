@@ -20,17 +20,20 @@ def test_each_run_has_its_own_checkpoint_file(tmp_path: Path) -> None:
 
 
 def test_other_runs_checkpoints_are_kept_up_to_the_bound(tmp_path: Path) -> None:
-    own = tmp_path / "own.pt"
+    own = tmp_path / f"{'0' * 16}.pt"
     own.write_bytes(b"")
     others = []
     for age in range(KEEP_OTHER_RUNS + 2):  # the oldest last
-        path = tmp_path / f"run{age}.pt"
+        path = tmp_path / f"{age + 1:016x}.pt"
         path.write_bytes(b"state")
         os.utime(path, (1_000_000 - age, 1_000_000 - age))
         others.append(path)
     os.utime(own, (1, 1))  # the oldest of all, and never removed
-    (tmp_path / "train.lock").write_text("1\n")  # not a checkpoint
+    kept = [tmp_path / "train.lock", tmp_path / "mine.pt"]  # not checkpoints: never removed
+    for path in kept:
+        path.write_text("1\n")
+        os.utime(path, (0, 0))
     removed = prune_other_runs(own)
     assert removed == others[KEEP_OTHER_RUNS:]
-    assert sorted(tmp_path.iterdir()) == sorted([own, tmp_path / "train.lock", *others[:3]])
+    assert sorted(tmp_path.iterdir()) == sorted([own, *kept, *others[:3]])
     assert prune_other_runs(own) == []  # within the bound: nothing more goes

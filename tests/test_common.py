@@ -87,6 +87,8 @@ def test_out_of_memory_suggests_a_smaller_batch(
 
     monkeypatch.chdir(project)
     monkeypatch.setattr(train, "fit", out_of_memory)
+    # in-process: pytest's own process must not stop with its parent after this test
+    monkeypatch.setattr(process, "stop_with_parent", lambda: None)
     with pytest.raises(SystemExit) as exit_info:
         process.run(train.main)
     assert exit_info.value.code == 1

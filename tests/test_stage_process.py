@@ -33,6 +33,7 @@ def main():
     finally:
         open("cleaned-up", "w").close()
 
+time.sleep({delay})  # still importing, as a stage does before it calls run()
 process.run(main)
 """
 
@@ -56,23 +57,29 @@ def alive(pid: int) -> bool:
         return False
 
 
-def stage_pid(folder: Path) -> int:
+def stage_pids(folder: Path) -> list[int]:
+    pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
                 if b"stage.py" in argv and Path(os.readlink(entry / "cwd")) == folder:
-                    return int(entry.name)
+                    pids.append(int(entry.name))
             except OSError:
                 continue
-    raise AssertionError("the stage process was not found")
+    return pids
+
+
+def stage_pid(folder: Path) -> int:
+    [pid] = stage_pids(folder)  # the interpreter itself, never the shell (its argv differs)
+    return pid
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux)")
 @pytest.mark.parametrize("launch", ["direct", "shell"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL, signal.SIGHUP])
 def test_a_stage_stops_when_its_dvc_process_dies(tmp_path: Path, launch: str, signum: int) -> None:
-    (tmp_path / "stage.py").write_text(STAGE.format(src=str(ROOT / "src")))
+    (tmp_path / "stage.py").write_text(STAGE.format(src=str(ROOT / "src"), delay=0))
     (tmp_path / "dvc").write_text(FAKE_DVC.format())
     dvc = subprocess.Popen([sys.executable, "dvc", launch], cwd=tmp_path)
     pid = 0
@@ -80,8 +87,7 @@ def test_a_stage_stops_when_its_dvc_process_dies(tmp_path: Path, launch: str, si
         wait_until(lambda: (tmp_path / "started").exists(), seconds=30)
         assert (tmp_path / "started").exists(), "the stage did not start"
         pid = stage_pid(tmp_path)
-        dvc.send_signal(signum)
-        dvc.wait(timeout=10)
+        dvc.send_signal(signum)  # not reaped yet: a zombie `dvc` counts as dead too
         start = time.monotonic()
         wait_until(lambda: not alive(pid), seconds=10)
         assert not alive(pid), f"the stage outlived its dvc process by 10 s ({launch})"
@@ -91,6 +97,25 @@ def test_a_stage_stops_when_its_dvc_process_dies(tmp_path: Path, launch: str, si
         dvc.kill()
         dvc.wait()
         if pid and alive(pid):  # leave nothing running behind a failed test
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("launch", ["direct", "shell"])
+def test_a_stage_whose_dvc_died_while_it_started_stops_too(tmp_path: Path, launch: str) -> None:
+    (tmp_path / "stage.py").write_text(STAGE.format(src=str(ROOT / "src"), delay=3))
+    (tmp_path / "dvc").write_text(FAKE_DVC.format())
+    dvc = subprocess.Popen([sys.executable, "dvc", launch], cwd=tmp_path)
+    pid = 0
+    try:
+        wait_until(lambda: bool(stage_pids(tmp_path)), seconds=30)
+        pid = stage_pid(tmp_path)
+        dvc.kill()  # before the stage reached run(): it is an orphan when it gets there
+        dvc.wait()
+        wait_until(lambda: not alive(pid), seconds=15)
+        assert not alive(pid), f"an orphaned stage ran on ({launch})"
+    finally:
+        if pid and alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 

