@@ -17,8 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from common import (
     NUM_CLASSES,
     PARAMS_FILE,
@@ -26,6 +24,7 @@ from common import (
     PipelineError,
     atomic_path,
     parse_section,
+    read_params_file,
     require,
 )
 from download import DataParams
@@ -93,13 +92,7 @@ def check_document(document: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    try:
-        document = yaml.safe_load(PARAMS_FILE.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{PARAMS_FILE} not found: run from the repository root") from None
-    except yaml.YAMLError as error:
-        raise PipelineError(f"{PARAMS_FILE} is not valid YAML: {error}") from None
-    parsed = check_document(document)
+    parsed = check_document(read_params_file())
     output = Path(parsed["paths"].params_check)
     with atomic_path(output) as tmp:
         tmp.write_text(CHECKED)

@@ -137,15 +137,20 @@ def parse_section(cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
-def load_params(cls: type, params_file: Path = PARAMS_FILE) -> Any:
-    """Read section `cls.SECTION` of params.yaml into the frozen dataclass `cls`."""
+def read_params_file(params_file: Path = PARAMS_FILE) -> Any:
+    """The whole of params.yaml as YAML reads it."""
     try:
         with open(params_file) as f:
-            document = yaml.safe_load(f) or {}
+            return yaml.safe_load(f)
     except FileNotFoundError:
         raise PipelineError(f"{params_file} not found: run from the repository root") from None
     except yaml.YAMLError as error:
         raise PipelineError(f"{params_file} is not valid YAML: {error}") from None
+
+
+def load_params(cls: type, params_file: Path = PARAMS_FILE) -> Any:
+    """Read section `cls.SECTION` of params.yaml into the frozen dataclass `cls`."""
+    document = read_params_file(params_file) or {}
     return parse_section(cls, document.get(cls.SECTION))
 
 

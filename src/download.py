@@ -120,14 +120,12 @@ def fetch(source: str, filename: str, timeout_s: float) -> bytes:
         raise MirrorError(f"unsupported URL scheme '{scheme}' (use http, https, file or a folder)")
     path = Path(source) / filename
     if not path.parent.is_dir():  # e.g. a relative MNIST_MIRROR seen from a queued run's copy
-        where = (
-            ""
-            if path.parent.is_absolute()
-            else (
+        where = ""
+        if not path.parent.is_absolute():
+            where = (
                 f" (relative to {Path.cwd()}: queued experiments run in a copy under"
                 " .dvc/tmp/exps/, so give an absolute path)"
             )
-        )
         raise MirrorError(f"no such folder {path.parent}{where}", unreachable=True)
     try:
         with open(path, "rb") as f:

@@ -71,22 +71,25 @@ def interrupts_deferred() -> Iterator[None]:
 WATCH_INTERVAL_S = 0.5
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first); [] if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of `pid` (field 22 of /proc/PID/stat), None if it is gone
     or a zombie (dead, not yet reaped): with the pid it identifies a process even after
     the pid is reused."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
+    fields = _stat(pid)
+    return fields[19] if fields and fields[0] not in ("Z", "X") else None
 
 
 def _parent_of(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
+    fields = _stat(pid)
+    return int(fields[1]) if fields else 0
 
 
 def _is_dvc(pid: int) -> bool:
@@ -198,11 +201,8 @@ def run(main: Callable[[], None], stage: str | None = None) -> None:
     install_interrupt_handlers()
     stop_with_parent()
     try:
-        if stage is None:
+        with exclusive(stage, load_paths().checkpoints) if stage else contextlib.nullcontext():
             main()
-        else:
-            with exclusive(stage, load_paths().checkpoints):
-                main()
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -237,6 +237,13 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def mean_lr_factor(epoch: int, steps: int, warmup_steps: int, total_steps: int) -> float:
+    """lr_factor averaged over the steps of `epoch` (from 1): what the lr plot shows."""
+    first = (epoch - 1) * steps
+    factors = [lr_factor(step, warmup_steps, total_steps) for step in range(first, first + steps)]
+    return sum(factors) / steps
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -273,8 +280,11 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.label = ""
 
+    def set_epoch(self, label: str) -> None:
+        self.label = label
+        self.bar.set_description(label)
+
     def update(self) -> None:
-        self.bar.set_description(self.label, refresh=False)
         self.bar.update()
         self.done += 1
         now = time.perf_counter()
@@ -321,18 +331,16 @@ def fit(
     forward = s.compiled(net)
     progress = Progress(total_steps, len(state.history) * steps, p.batch_size)
     for epoch in range(len(state.history) + 1, p.epochs + 1):
-        progress.label = f"epoch {epoch}/{p.epochs}"
+        progress.set_epoch(f"epoch {epoch}/{p.epochs}")
         net.train()
         # per-step figures stay on the device: no synchronisation until the epoch ends
         losses = torch.zeros(steps, device=s.device)
         correct = torch.zeros(steps, device=s.device, dtype=torch.long)
-        lr_sum = 0.0  # the epoch's mean learning rate is what the lr plot shows
         start = time.perf_counter()
         for step, idx in enumerate(epoch_batches(n, p.batch_size, state.generator)):
             x = random_shift(data.train_x[idx], p.max_shift, state.generator)
             x = normalise(x, data.mean, data.std).contiguous(memory_format=s.memory_format)
             y = data.train_y[idx]
-            lr_sum += state.scheduler.get_last_lr()[0]
             with s.autocast():
                 logits = forward(x)
                 loss = loss_fn(logits, y)
@@ -369,7 +377,7 @@ def fit(
             "train/acc": correct.sum().item() / (steps * p.batch_size),
             "val/loss": F.cross_entropy(val_logits, data.val_y).item(),
             "val/acc": (val_logits.argmax(1) == data.val_y).double().mean().item(),
-            "lr": lr_sum / steps,
+            "lr": p.lr * mean_lr_factor(epoch, steps, warmup_steps, total_steps),
             "epoch_time_s": seconds,
             "images_per_s": steps * p.batch_size / seconds,
         }

@@ -170,6 +170,23 @@ def write_params(project: Path, overrides: dict) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def processes_running(script: bytes, folder: Path) -> list[int]:
+    """Pids of the processes working in `folder` whose command line has an argument that
+    starts with `script` (b"src/" for any stage, say); Linux (/proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if any(a.startswith(script) for a in argv) and Path(
+                    os.readlink(entry / "cwd")
+                ) == Path(folder):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
 def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
     """Poll `condition` until it holds or `seconds` have passed."""
     deadline = time.monotonic() + seconds

@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import init_repo, make_project, run_cmd, wait_until, write_params
+from conftest import (
+    init_repo,
+    make_project,
+    processes_running,
+    run_cmd,
+    wait_until,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -203,17 +210,7 @@ ACCURACY_FLOOR = 0.8  # chance is 0.1; this run reached 0.9 (width 4, 2,000 imag
 
 def stage_pids(project: Path) -> list[int]:
     """The processes running one of the project's stage scripts."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if any(a.startswith(b"src/") for a in argv) and os.readlink(entry / "cwd") == str(
-                project
-            ):
-                pids.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return pids
+    return processes_running(b"src/", project)
 
 
 @pytest.fixture(scope="module")

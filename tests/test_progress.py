@@ -12,7 +12,7 @@ def test_without_a_terminal_progress_is_a_line_with_speed_and_eta(
 ) -> None:
     monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)  # a line at every step
     progress = train.Progress(total=10, done=4, images_per_step=100)  # resumed after 4
-    progress.label = "epoch 3/5"
+    progress.set_epoch("epoch 3/5")
     progress.update()
     progress.update()
     progress.close()

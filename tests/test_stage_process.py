@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, wait_until, write_params
+from conftest import ROOT, TINY, processes_running, wait_until, write_params
 
 import process
 from common import PipelineError
@@ -58,16 +58,7 @@ def alive(pid: int) -> bool:
 
 
 def stage_pids(folder: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if b"stage.py" in argv and Path(os.readlink(entry / "cwd")) == folder:
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
+    return processes_running(b"stage.py", folder)
 
 
 def stage_pid(folder: Path) -> int:
