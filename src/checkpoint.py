@@ -30,9 +30,9 @@ RUN_FILE = re.compile(r"[0-9a-f]{16}\.pt")  # what checkpoint_path() names; noth
 
 
 def fingerprint(params: list[Any], settings: str, files: list[Path]) -> str:
-    """Identifies a training run: its params dataclasses, its resolved settings and the
+    """Identifies a training run: its params (dataclasses or dicts), its resolved settings and the
     bytes of its files (data and code). A checkpoint is resumed only by the same run."""
-    run = [dataclasses.asdict(p) for p in params] + [settings]
+    run = [p if isinstance(p, dict) else dataclasses.asdict(p) for p in params] + [settings]
     h = hashlib.sha256(json.dumps(run, sort_keys=True).encode())
     for path in files:
         h.update(path.read_bytes())
@@ -68,8 +68,8 @@ def set_rng_states(states: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(states["torch"])
     generator.set_state(states["data"])
     random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and torch.cuda.is_available():  # as many GPUs as this process sees
+        torch.cuda.set_rng_state_all(states["cuda"][: torch.cuda.device_count()])
 
 
 @dataclass
@@ -83,8 +83,8 @@ class TrainingState:
     generator: torch.Generator
     history: list[dict[str, float]]
 
-    def save(self, path: Path, run_id: str) -> None:
-        state = {
+    def snapshot(self, run_id: str) -> dict[str, Any]:
+        return {
             "run_id": run_id,
             "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -93,20 +93,32 @@ class TrainingState:
             "rng": rng_states(self.generator),
             "history": self.history,
         }
-        save_torch(state, path)
 
-    def resume(self, path: Path, run_id: str) -> bool:
-        """Continue from the checkpoint at `path` if there is one of this run."""
+    def save(self, path: Path, run_id: str) -> None:
+        save_torch(self.snapshot(run_id), path)
+
+    @staticmethod
+    def read(path: Path, run_id: str) -> dict[str, Any] | None:
+        """The checkpoint at `path` (tensors on the CPU) if there is one of this run."""
         if not path.exists():
-            return False
+            return None
         state = load_torch(path)
         if state.get("run_id") != run_id:
             print(f"ignoring {path}: it belongs to another run (params, device or data differ)")
-            return False
+            return None
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"], self.generator)
         self.history = state["history"]
-        return True
+
+    def resume(self, path: Path, run_id: str) -> bool:
+        """Continue from the checkpoint at `path` if there is one of this run."""
+        state = self.read(path, run_id)
+        if state is not None:
+            self.restore(state)
+        return state is not None

@@ -1,10 +1,15 @@
 """The device a stage runs on, and what `auto` means there: precision, memory layout
-and evaluation batch size, from measurements (docs/speed.md). Read by the train and
-evaluate stages, the predict command and the benchmark.
+and evaluation batch size, from measurements (docs/speed.md); on a machine with
+several GPUs, the one each run takes. Read by the train and evaluate stages, the
+predict command and the benchmark.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
+from pathlib import Path
 from typing import Any, Literal
 
 from common import PipelineError
@@ -83,3 +88,86 @@ EVAL_BATCH_AUTO = {"cpu": 64, "cuda": 1024, "mps": 1024}
 def resolve_eval_batch(requested: int | Literal["auto"], device: Any) -> int:
     """The evaluation batch size that `requested` ('auto' or a number) means on `device`."""
     return EVAL_BATCH_AUTO[device.type] if requested == "auto" else int(requested)
+
+
+# --------------------------------------------------------------------------- one GPU per run
+
+# Locks of the GPUs that runs of this project hold, machine-wide: queued experiments
+# run in their own copies of the workspace (.dvc/tmp/exps/...), so not in the workspace.
+GPU_LOCKS = "resnet18-mnist-gpus"  # in the temp folder (TMPDIR)
+CLAIM_POLL_S = 2.0  # seconds between tries while every GPU is held
+_claimed: list[Any] = []  # open lock files: held until this process ends
+
+
+def visible_gpus() -> list[str]:
+    """This process's CUDA devices, named as CUDA_VISIBLE_DEVICES names them (else by index)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    return listed[:count] if len(listed) >= count else [str(i) for i in range(count)]
+
+
+def claim_gpus(count: int, gpus: list[str], lock_dir: str | Path | None = None) -> list[int]:
+    """Positions in `gpus` of `count` GPUs that no other run of this project holds,
+    now held by this process: one flock per GPU, which the operating system releases
+    when its holder ends, however it ends. `dvc queue start -j N` starts N runs that
+    would all pick the first GPU (DVC issue 4586). While too few are free, wait,
+    saying so once: two runs sharing a GPU each run at about half speed (so nothing is
+    gained), may run it out of memory, and report misleading timings."""
+    import fcntl
+
+    if count > len(gpus):
+        raise PipelineError(f"{count} GPUs wanted, but this machine shows {len(gpus)}")
+    folder = Path(lock_dir or Path(tempfile.gettempdir()) / GPU_LOCKS)
+    folder.mkdir(parents=True, exist_ok=True)
+    waited_since = None
+    while True:
+        taken: list[tuple[int, Any]] = []
+        holders = []
+        for position, name in enumerate(gpus):
+            lock = open(folder / f"gpu-{name.replace('/', '_')}.lock", "a+")  # noqa: SIM115
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holders.append(f"GPU {name}: pid {lock.read().strip() or '?'}")
+                lock.close()
+                continue
+            taken.append((position, lock))
+            if len(taken) == count:
+                break
+        if len(taken) == count:
+            for _, lock in taken:
+                lock.seek(0)
+                lock.truncate()
+                lock.write(f"{os.getpid()}\n")
+                lock.flush()
+            _claimed.extend(lock for _, lock in taken)
+            if waited_since is not None:
+                print(f"waited {time.monotonic() - waited_since:.0f} s for free GPUs")
+            return [position for position, _ in taken]
+        for _, lock in taken:  # take all or none: two runs never hold half each
+            lock.close()
+        if waited_since is None:
+            waited_since = time.monotonic()
+            print(
+                f"waiting for {count} free GPU(s) of {len(gpus)}: other runs of this project "
+                f"hold {'; '.join(holders)} (locks in {folder})",
+                flush=True,
+            )
+        time.sleep(CLAIM_POLL_S)
+
+
+def claim_device(device: Any) -> Any:
+    """`device` itself, or for CUDA one GPU that no other run of this project holds
+    (claim_gpus), made the current device and named on stdout."""
+    import torch
+
+    if device.type != "cuda":
+        return device
+    gpus = visible_gpus()
+    index = claim_gpus(1, gpus)[0]
+    torch.cuda.set_device(index)
+    print(f"using GPU {gpus[index]} ({torch.cuda.get_device_name(index)}), cuda:{index}")
+    return torch.device("cuda", index)

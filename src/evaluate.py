@@ -30,6 +30,7 @@ from device import (
     Device,
     Precision,
     autocast_dtype_of,
+    claim_device,
     memory_format_of,
     pick_device,
     resolve_channels_last,
@@ -163,7 +164,8 @@ def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module,
 def main() -> None:
     params = load_params(EvaluateParams)
     paths = load_paths()
-    settings = resolve_settings(params, pick_device(params.device))
+    # one GPU that no other run of this project holds (dvc queue start -j N)
+    settings = resolve_settings(params, claim_device(pick_device(params.device)))
     print(f"evaluating: {settings.describe()}")
     net, saved = load_model(paths.model, settings.device)
     test = load_torch(Path(paths.processed) / "test.pt")

@@ -5,7 +5,8 @@ The whole dataset lives on the device as uint8; each step takes a batch by
 (no DataLoader, no per-image Python work: the KellerJordan/cifar10-airbench
 data path). SGD with Nesterov momentum, linear warm-up then cosine decay per
 step, label smoothing; mixed precision, channels_last and torch.compile where
-the device gains from them (`train.precision/channels_last/compile: auto`).
+the device gains from them (`train.precision/channels_last/compile: auto`); on
+several processes, data-parallel (src/distributed.py).
 A resumable checkpoint is written after every epoch, so an interrupted run
 resumes from its last complete epoch and ends with the same weights.
 
@@ -33,9 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import distributed
 from checkpoint import TrainingState, checkpoint_path, fingerprint, prune_other_runs
 from common import (
     Auto,
+    Paths,
     PipelineError,
     atomic_path,
     check,
@@ -49,12 +52,16 @@ from device import (
     Device,
     Precision,
     autocast_dtype_of,
+    claim_device,
+    claim_gpus,
     memory_format_of,
     pick_device,
     resolve_channels_last,
     resolve_eval_batch,
     resolve_precision,
+    visible_gpus,
 )
+from distributed import World
 from model import normalise, predict_logits, resnet18
 from process import interrupts_deferred, run
 
@@ -90,6 +97,8 @@ class TrainParams:
     deterministic: bool
     eval_batch_size: int | Literal["auto"]
     checkpoint_every: int
+    processes: int | Literal["auto"]
+    sync_batchnorm: Auto
 
     def __post_init__(self) -> None:
         check(self, "epochs", self.epochs >= 1, "an integer >= 1")
@@ -122,6 +131,12 @@ class TrainParams:
             "checkpoint_every",
             self.checkpoint_every >= 0,
             "an integer >= 0 (epochs; 0 = never)",
+        )
+        check(
+            self,
+            "processes",
+            self.processes == "auto" or self.processes >= 1,
+            "an integer >= 1 or auto",
         )
 
 
@@ -170,9 +185,11 @@ def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
     cuda = device.type == "cuda"
     precision = resolve_precision(p.precision, device)
     channels_last = resolve_channels_last(p.channels_last, device)
-    # compiling costs minutes on a small CPU and pays off only on GPUs
-    compile_model = p.compile if p.compile != "auto" else cuda
-    # CUDA graphs (torch.compile's "reduce-overhead") are not yet measured: off under auto
+    # torch.compile pays only in long runs. On the H200 the default 15 epochs took 38.7 s
+    # compiled (24.9 s of it in epoch 1, compiling) and 16.4 s eager; compiled steps ran
+    # 1.06x, with CUDA graphs 1.37x, as fast (reports/runs/gpu-h200-session.txt). On a
+    # small CPU compiling takes minutes. So auto is off: set both true for long runs.
+    compile_model = p.compile if p.compile != "auto" else False
     cuda_graphs = p.cuda_graphs if p.cuda_graphs != "auto" else False
     if cuda_graphs and not (cuda and compile_model):
         raise PipelineError("train.cuda_graphs = true needs a CUDA device and train.compile")
@@ -186,19 +203,37 @@ def resolve_settings(p: TrainParams, device: torch.device) -> Settings:
 # --------------------------------------------------------------------------- data on the device
 
 
-def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Translate each uint8 image (B,1,H,W) by its own random offset in
-    [-max_shift, max_shift] pixels, filling with black: one gather for the batch."""
+def shift_offsets(
+    batch: int, max_shift: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor] | None:
+    """Random (dy, dx) offsets in [0, 2 * max_shift] for `batch` images, each (batch, 1);
+    None when max_shift is 0. Drawn for the global batch in every process, so that each
+    process's slice of it is shifted as one process would shift it."""
     if max_shift == 0:
+        return None
+    device = generator.device
+    dy = torch.randint(0, 2 * max_shift + 1, (batch, 1), generator=generator, device=device)
+    dx = torch.randint(0, 2 * max_shift + 1, (batch, 1), generator=generator, device=device)
+    return dy, dx
+
+
+def shift(images: Tensor, offsets: tuple[Tensor, Tensor] | None, max_shift: int) -> Tensor:
+    """Translate each uint8 image (B,1,H,W) by its offset (shift_offsets) minus max_shift
+    pixels, filling with black: one gather for the batch."""
+    if offsets is None:
         return images
+    dy, dx = offsets
     b, _, h, w = images.shape
     device = images.device
     padded = F.pad(images, (max_shift,) * 4)
-    dy = torch.randint(0, 2 * max_shift + 1, (b, 1), generator=generator, device=device)
-    dx = torch.randint(0, 2 * max_shift + 1, (b, 1), generator=generator, device=device)
     rows = (dy + torch.arange(h, device=device))[:, :, None]
     cols = (dx + torch.arange(w, device=device))[:, None, :]
     return padded[torch.arange(b, device=device)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Translate each image by its own random offset in [-max_shift, max_shift] pixels."""
+    return shift(images, shift_offsets(len(images), max_shift, generator), max_shift)
 
 
 def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -259,7 +294,7 @@ class Data:
     std: float
 
 
-TRAINING_CODE = ("train.py", "model.py", "checkpoint.py")  # beside this file
+TRAINING_CODE = ("train.py", "model.py", "checkpoint.py", "distributed.py")  # beside this file
 PROGRESS_EVERY_S = 60.0  # seconds between progress lines when stdout is no terminal
 
 
@@ -273,8 +308,9 @@ class Progress:
     """A tqdm bar with ETA on a terminal; elsewhere (a log, CI, `dvc queue logs`, where
     tqdm stays silent) a line with speed and ETA every PROGRESS_EVERY_S seconds."""
 
-    def __init__(self, total: int, done: int, images_per_step: int) -> None:
-        self.bar = tqdm(total=total, initial=done, unit="step", disable=None)
+    def __init__(self, total: int, done: int, images_per_step: int, shown: bool = True) -> None:
+        self.bar = tqdm(total=total, initial=done, unit="step", disable=None if shown else True)
+        self.shown = shown
         self.total, self.done, self.first = total, done, done
         self.images_per_step = images_per_step
         self.start = self.last = time.perf_counter()
@@ -288,7 +324,7 @@ class Progress:
         self.bar.update()
         self.done += 1
         now = time.perf_counter()
-        if self.bar.disable and now - self.last >= PROGRESS_EVERY_S:
+        if self.shown and self.bar.disable and now - self.last >= PROGRESS_EVERY_S:
             self.last = now
             steps_per_s = (self.done - self.first) / (now - self.start)
             print(
@@ -303,13 +339,31 @@ class Progress:
 
 
 def fit(
-    net: nn.Module, data: Data, p: TrainParams, s: Settings, checkpoint: Path, run_id: str
+    net: nn.Module,
+    data: Data,
+    p: TrainParams,
+    s: Settings,
+    checkpoint: Path,
+    run_id: str,
+    world: World = distributed.ONE_PROCESS,
 ) -> Iterator[dict[str, float]]:
     """Train `net` in place. After each epoch (and its checkpoint) yield its metrics;
-    a checkpoint of the same run is resumed first, its epochs yielded again."""
+    a checkpoint of the same run is resumed first, its epochs yielded again.
+
+    In several processes (`world`), each takes its slice of every global batch (the
+    same permutation and shifts in all); gradients are averaged over the processes
+    and the epoch's figures summed over them. The main process alone validates and
+    writes the checkpoints."""
     n = len(data.train_y)
     check(p, "batch_size", p.batch_size <= n, f"at most the {n} training images")
-    steps = n // p.batch_size
+    check(
+        p,
+        "batch_size",
+        p.batch_size % world.size == 0,
+        f"a multiple of the {world.size} training processes",
+    )
+    steps, local_batch = n // p.batch_size, p.batch_size // world.size
+    part = slice(world.rank * local_batch, (world.rank + 1) * local_batch)
     net.to(s.device, memory_format=s.memory_format)
     optimizer = make_optimizer(net, p, s.fused_optimizer)
     warmup_steps, total_steps = round(p.warmup_epochs * steps), p.epochs * steps
@@ -323,13 +377,18 @@ def fit(
         torch.Generator(device=s.device).manual_seed(p.seed),
         [],
     )
-    if state.resume(checkpoint, run_id):
-        print(f"resuming from {checkpoint} after epoch {len(state.history)}/{p.epochs}")
+    # the main process reads the checkpoint and hands it to the others: any number of
+    # processes, on any number of machines, resumes it
+    resumed = distributed.from_main(TrainingState.read(checkpoint, run_id) if world.main else None)
+    if resumed is not None:
+        state.restore(resumed)
+        if world.main:
+            print(f"resuming from {checkpoint} after epoch {len(state.history)}/{p.epochs}")
     yield from state.history
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
-    forward = s.compiled(net)
-    progress = Progress(total_steps, len(state.history) * steps, p.batch_size)
+    forward = s.compiled(distributed.data_parallel(net, s.device, world))
+    progress = Progress(total_steps, len(state.history) * steps, p.batch_size, world.main)
     for epoch in range(len(state.history) + 1, p.epochs + 1):
         progress.set_epoch(f"epoch {epoch}/{p.epochs}")
         net.train()
@@ -338,9 +397,11 @@ def fit(
         correct = torch.zeros(steps, device=s.device, dtype=torch.long)
         start = time.perf_counter()
         for step, idx in enumerate(epoch_batches(n, p.batch_size, state.generator)):
-            x = random_shift(data.train_x[idx], p.max_shift, state.generator)
+            offsets = shift_offsets(p.batch_size, p.max_shift, state.generator)
+            offsets = offsets and (offsets[0][part], offsets[1][part])
+            x = shift(data.train_x[idx[part]], offsets, p.max_shift)
             x = normalise(x, data.mean, data.std).contiguous(memory_format=s.memory_format)
-            y = data.train_y[idx]
+            y = data.train_y[idx[part]]
             with s.autocast():
                 logits = forward(x)
                 loss = loss_fn(logits, y)
@@ -353,7 +414,9 @@ def fit(
                 losses[step] = F.cross_entropy(logits.float(), y)
                 correct[step] = (logits.argmax(1) == y).sum()
             progress.update()
-        losses = losses.cpu()  # waits for the device: the epoch's work is done
+        # each process's mean loss per step, averaged; correct predictions, summed
+        losses = distributed.sum_over_processes(losses).cpu() / world.size
+        correct = distributed.sum_over_processes(correct)
         seconds = time.perf_counter() - start
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
         if bad:
@@ -361,6 +424,9 @@ def fit(
                 f"loss became {losses[bad[0]].item()} at epoch {epoch}, step {bad[0] + 1} of "
                 f"{steps} (train.lr = {p.lr}): try a smaller train.lr; no model was written"
             )
+        if not world.main:
+            state.history.append({"epoch": epoch})  # the main process keeps the figures
+            continue
         # validation runs the plain module: no recompiling for eval mode or a short batch
         val_logits = predict_logits(
             net,
@@ -426,32 +492,96 @@ def log_epoch(live: Any, record: dict[str, float], epochs: int) -> None:
     )
 
 
+def batchnorm_batch(batch_size: int, world: World, sync_batchnorm: bool) -> int:
+    """The images BatchNorm computes its statistics over in training."""
+    return batch_size if sync_batchnorm or world.size == 1 else batch_size // world.size
+
+
+def run_settings(settings: Settings, batchnorm_batch: int) -> str:
+    """What identifies a run besides its params, data and code: the resolved settings
+    on this kind of device (not which GPU), BatchNorm's batch and torch's version. Not
+    the number of processes: N train as one does if BatchNorm sees the same batches."""
+    one_device = dataclasses.replace(settings, device=torch.device(settings.device.type))
+    return f"{one_device.describe()}, BatchNorm batch {batchnorm_batch}, torch {torch.__version__}"
+
+
 def main() -> None:
     model_p, p = load_params(ModelParams), load_params(TrainParams)
     paths = load_paths()
-    settings = resolve_settings(p, pick_device(p.device))
+    device = pick_device(p.device)
+    world = distributed.world_from_env()  # set by torchrun or by our launcher
+    if world is None:
+        cuda = device.type == "cuda"
+        gpu_count = torch.cuda.device_count() if cuda else 0
+        processes = distributed.resolve_processes(p.processes, gpu_count)
+        if processes > 1:
+            gpus = visible_gpus() if cuda else None
+            if gpus is not None:
+                gpus = [gpus[i] for i in claim_gpus(processes, gpus)]
+            where = f"GPUs {', '.join(gpus)} (NCCL)" if gpus else "the CPU (Gloo)"
+            print(f"starting {processes} training processes on {where}", flush=True)
+            distributed.launch(processes, __file__, gpus)
+            return
+        world = distributed.ONE_PROCESS
+    if device.type == "cuda" and distributed.LAUNCHER_ENV in os.environ:
+        device = torch.device("cuda", world.local_rank)  # the launcher claimed our GPUs
+        torch.cuda.set_device(device)
+    else:
+        device = claim_device(device)
+    settings = resolve_settings(p, device)
+    sync_batchnorm = distributed.resolve_sync_batchnorm(p.sync_batchnorm, world, device.type)
+    distributed.start(world, device)
+    try:
+        train(model_p, p, paths, settings, world, sync_batchnorm)
+    finally:
+        distributed.finish()
+
+
+def train(
+    model_p: ModelParams,
+    p: TrainParams,
+    paths: Paths,
+    settings: Settings,
+    world: World,
+    sync_batchnorm: bool,
+) -> None:
     if p.deterministic:  # exact repeats on GPU, at some speed cost (README, "Reproducibility")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not p.deterministic
     processed = Path(paths.processed)
-    data = load_data(processed, settings.device)
+    data = load_data(processed, settings.device)  # each process keeps all: 56 MB of uint8
     data_files = [processed / name for name in ("train.pt", "val.pt", "stats.json")]
     # the training code and torch too: after a change to either, no checkpoint resumes
     code_files = [Path(__file__).with_name(name) for name in TRAINING_CODE]
+    same_run = {k: v for k, v in dataclasses.asdict(p).items() if k != "processes"}
+    bn_batch = batchnorm_batch(p.batch_size, world, sync_batchnorm)
     run_id = fingerprint(
-        [model_p, p], f"{settings.describe()}, torch {torch.__version__}", data_files + code_files
+        [model_p, same_run], run_settings(settings, bn_batch), data_files + code_files
     )
     checkpoint = checkpoint_path(paths.checkpoints, run_id)
-    others = sorted(str(c) for c in prune_other_runs(checkpoint))
+    others = sorted(str(c) for c in prune_other_runs(checkpoint)) if world.main else []
     if others:
         print(f"removed the checkpoints of older unfinished runs: {', '.join(others)}")
     seed_everything(p.seed)
     net = resnet18(width=model_p.width)
+    if sync_batchnorm:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    records = fit(net, data, p, settings, checkpoint, run_id, world)
+    if not world.main:
+        for _ in records:  # the main process logs and writes
+            pass
+        return
+    processes = (
+        f"; {world.size} processes, BatchNorm "
+        + ("synchronised" if sync_batchnorm else f"over each one's {bn_batch} images")
+        if world.size > 1
+        else ""
+    )
     print(
         f"ResNet-18 width {model_p.width}: {sum(t.numel() for t in net.parameters()):,} "
         f"parameters; {len(data.train_y)} train / {len(data.val_y)} val images; "
-        f"{settings.describe()}"
+        f"{settings.describe()}{processes}"
     )
 
     from dvclive import Live
@@ -462,7 +592,7 @@ def main() -> None:
     with atomic_path(paths.train_report) as report_dir:
         with Live(dir=str(report_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
             try:
-                for record in fit(net, data, p, settings, checkpoint, run_id):
+                for record in records:
                     log_epoch(live, record, p.epochs)
                     history.append(record)
             except torch.OutOfMemoryError:
@@ -487,4 +617,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main, stage="train")
+    # the workers of our launcher run under its lock
+    run(main, stage="train" if distributed.holds_workspace() else None)

@@ -1,0 +1,179 @@
+"""Data-parallel training on torch.distributed, launched as torchrun launches it.
+
+With `train.processes` > 1, `python src/train.py` starts that many workers of
+itself through torch.distributed's elastic launch API (what `torchrun` runs:
+c10d rendezvous on this machine, no restarts) and waits for them. A process
+that torchrun started (it sets RANK, WORLD_SIZE, LOCAL_RANK, ...) is a worker
+already: `torchrun --nnodes 2 --nproc-per-node 4 ... src/train.py` trains on
+several machines. Workers join one process group (NCCL on GPUs, Gloo on CPUs);
+DistributedDataParallel all-reduces the gradients and SyncBatchNorm the
+BatchNorm statistics, so N processes train the model that one process trains
+with the same global batch (docs/scaling.md).
+
+Read by the train stage only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from common import PipelineError
+
+# Set by our launcher for its workers: it holds the workspace's train lock and the GPUs.
+LAUNCHER_ENV = "TRAIN_LAUNCHER_PID"
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0  # among all processes, on every machine
+    size: int = 1  # all processes
+    local_rank: int = 0  # among this machine's processes
+    local_size: int = 1  # this machine's processes
+
+    @property
+    def main(self) -> bool:
+        """The process that logs, prints and writes the checkpoints, model and reports."""
+        return self.rank == 0
+
+
+ONE_PROCESS = World()
+
+
+def world_from_env() -> World | None:
+    """The world torchrun (or our launcher) described in the environment; None if none."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    env = os.environ
+    size = int(env["WORLD_SIZE"])
+    return World(
+        int(env["RANK"]),
+        size,
+        int(env.get("LOCAL_RANK", env["RANK"])),
+        int(env.get("LOCAL_WORLD_SIZE", size)),
+    )
+
+
+def holds_workspace() -> bool:
+    """Whether this process takes the workspace's train lock: not a worker of our
+    launcher (the launcher holds it), and the first process on its machine."""
+    return LAUNCHER_ENV not in os.environ and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def resolve_processes(requested: int | str, cuda_devices: int) -> int:
+    """`train.processes`: auto is one process per visible CUDA device, else 1."""
+    return max(1, cuda_devices) if requested == "auto" else int(requested)
+
+
+def resolve_sync_batchnorm(requested: bool | str, world: World, device_type: str) -> bool:
+    """BatchNorm statistics over the global batch, as one process computes them. torch's
+    SyncBatchNorm runs only on GPUs (and XPU/HPU): on CPUs each process normalises its
+    own share of the batch ("ghost batch" BatchNorm, Hoffer et al. 2017)."""
+    if world.size == 1:
+        return False  # one process sees the whole batch: nothing to synchronise
+    if requested == "auto":
+        return device_type == "cuda"
+    if requested and device_type != "cuda":
+        raise PipelineError(
+            f"train.sync_batchnorm = true needs CUDA devices (torch's SyncBatchNorm runs "
+            f"only there), not {device_type}: use auto or false"
+        )
+    return bool(requested)
+
+
+def launch(processes: int, script: str, gpus: list[str] | None) -> None:
+    """Run `script` as `processes` workers on this machine (elastic launch, as
+    `torchrun --standalone --nproc-per-node N` does) and wait for them. `gpus`: the
+    CUDA devices claimed for them, one each. If one fails, the launch API stops the
+    others; the failure is raised as one PipelineError (its own error is above)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ[LAUNCHER_ENV] = str(os.getpid())
+    if gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    # the agent logs each worker's failure at length; ours is the one line below
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=f"train-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
+        max_restarts=0,  # a failure is reported, not retried: a resume is `dvc repro`
+        monitor_interval=0.5,
+    )
+    try:
+        elastic_launch(config, sys.executable)(script)
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        how = (
+            f"was killed by signal {-failure.exitcode}"
+            if failure.exitcode < 0
+            else f"exited with code {failure.exitcode}"
+        )
+        raise PipelineError(
+            f"training process {rank} of {processes} {how} (its error, if it printed "
+            f"one, is above); the others were stopped and nothing was written"
+        ) from None
+    except SignalException:  # the agent stopped the workers first
+        raise KeyboardInterrupt from None
+
+
+def start(world: World, device: Any) -> None:
+    """Join the process group of `world` (from torchrun's environment variables)."""
+    import torch
+    import torch.distributed as dist
+
+    if world.size == 1:
+        return
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        # the CPU's cores shared among this machine's processes, as torchrun does
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+        dist.init_process_group("gloo")
+
+
+def finish() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def data_parallel(net: Any, device: Any, world: World) -> Any:
+    """`net` wrapped so that its gradients are averaged over the processes after each
+    backward pass (DistributedDataParallel); `net` itself when there is one process."""
+    if world.size == 1:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+
+
+def sum_over_processes(tensor: Any) -> Any:
+    """`tensor` summed over all processes, in place."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def from_main(obj: Any) -> Any:
+    """The main process's `obj`, in every process (pickled: our own objects only)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -1,0 +1,356 @@
+"""Data-parallel training (src/distributed.py) with Gloo on the CPU, and GPU claims.
+
+Two processes must train the model that one process trains with the same global
+batch. On CPUs torch has no SyncBatchNorm, so each process normalises its own half
+of the batch: the one-process reference does the same (GhostBatchNorm2d below), and
+a plain one-process run must differ, or the comparison could not tell them apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    TINY,
+    init_repo,
+    make_project,
+    processes_running,
+    run_cmd,
+    synthetic_digits,
+    wait_until,
+    write_params,
+)
+from torch import nn
+
+import device
+import distributed
+import train
+from common import load_params, load_torch, seed_everything
+from model import resnet18
+from preprocess import resize
+
+TWO = {"train": TINY["train"] | {"processes": 2, "precision": "fp32"}}
+
+# Largest weight difference allowed between two processes and one. They differ only in
+# the order of floating-point sums (each process reduces over 25 images where one
+# process reduces over 50, and Gloo adds the two halves' gradients), and fp32 rounds at
+# 6e-8 relative: measured 2.4e-7 after the 4 steps below. Training a width-4 network on
+# 100 images is chaotic, though: after 8 steps, summation order alone (one process on
+# one thread or two) moves weights by 1e-3, so the runs here are 4 steps long, across
+# an epoch boundary. 1e-5 is 40x the measured difference and 4,000x below what
+# BatchNorm over 50 images instead of 25 makes (4.6e-2).
+TOLERANCE = 1e-5
+EQUIVALENCE = {"train": TWO["train"] | {"lr": 0.01}}  # 2 epochs of 2 steps: 100 images
+
+
+def write_processed(project: Path, n_train: int = 400, n_val: int = 50) -> None:
+    """Synthetic digits as preprocess writes them: no mirror needed."""
+    processed = project / "data/processed"
+    processed.mkdir(parents=True)
+    x, y = synthetic_digits(n_train + n_val, seed=3)
+    images, labels = resize(torch.from_numpy(x)), torch.from_numpy(y).long()
+    for split, part in (("train", slice(0, n_train)), ("val", slice(n_train, None))):
+        torch.save({"images": images[part], "labels": labels[part]}, processed / f"{split}.pt")
+    (processed / "stats.json").write_text('{"mean": 0.13, "std": 0.3}')
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over each of `chunks` equal parts of the batch, as that many processes
+    without SyncBatchNorm compute it; running statistics from the first part alone
+    (DistributedDataParallel broadcasts process 0's buffers before each forward)."""
+
+    chunks = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        first, *rest = x.chunk(self.chunks)
+        others = [
+            F.batch_norm(part, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            for part in rest
+        ]
+        return torch.cat([super().forward(first), *others])
+
+
+def one_process_weights(project: Path, ghost: bool, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Train in this process, on one thread as each worker, with the project's params and
+    data, as train.py does."""
+    model_p = load_params(train.ModelParams, project / "params.yaml")
+    p = load_params(train.TrainParams, project / "params.yaml")
+    settings = train.resolve_settings(p, torch.device("cpu"))
+    data = train.load_data(project / "data/processed", torch.device("cpu"))
+    seed_everything(p.seed)
+    net = resnet18(width=model_p.width)
+    if ghost:
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.__class__ = GhostBatchNorm2d
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in train.fit(net, data, p, settings, checkpoint, "reference"):
+            pass
+    finally:
+        torch.set_num_threads(threads)
+    return net.state_dict()
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The tiny project trained by `python src/train.py` with train.processes = 2."""
+    project = make_project(tmp_path_factory.mktemp("ddp") / "project")
+    write_processed(project, n_train=100)
+    write_params(project, EQUIVALENCE)
+    result = run_cmd([sys.executable, "src/train.py"], cwd=project)
+    return project, result.stdout
+
+
+def test_two_gloo_processes_train_the_model_that_one_process_trains(
+    two_process_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    project, stdout = two_process_run
+    assert "starting 2 training processes on the CPU (Gloo)" in stdout
+    assert "2 processes, BatchNorm over each one's 25 images" in stdout
+    two = load_torch(project / "models/model.pt")["state_dict"]
+    reference = one_process_weights(project, ghost=True, checkpoint=tmp_path / "ghost.pt")
+    assert largest_difference(two, reference) < TOLERANCE
+    # the comparison tells BatchNorm over 25 images from BatchNorm over 50
+    plain = one_process_weights(project, ghost=False, checkpoint=tmp_path / "plain.pt")
+    assert largest_difference(two, plain) > 100 * TOLERANCE
+
+
+def test_only_the_main_process_prints_logs_and_writes(two_process_run: tuple[Path, str]) -> None:
+    project, stdout = two_process_run
+    lines = stdout.splitlines()
+    for epoch in (1, 2):
+        assert sum(line.startswith(f"epoch {epoch}/2:") for line in lines) == 1
+    assert sum(line.startswith("wrote models/model.pt") for line in lines) == 1
+    assert sum(line.startswith("ResNet-18 width") for line in lines) == 1
+    loss = project / "reports/train/plots/metrics/train/loss.tsv"
+    assert len(loss.read_text().splitlines()) == 1 + 2  # a header and one row per epoch
+    metrics = json.loads((project / "reports/train/metrics.json").read_text())
+    assert metrics["step"] == 2
+    assert list((project / "models/checkpoints").glob("*.pt")) == []  # done: removed
+    assert {p.name for p in (project / "models").iterdir()} == {"checkpoints", "model.pt"}
+
+
+def workers_of(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the training processes that `launcher` started."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().split()[3]) == launcher:
+                env = dict(
+                    v.split(b"=", 1) for v in (entry / "environ").read_bytes().split(b"\0") if v
+                )
+                if b"RANK" in env:
+                    workers[int(env[b"RANK"])] = int(entry.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return workers
+
+
+def start_long_run(project: Path, epochs: int) -> subprocess.Popen:
+    write_params(project, {"train": TWO["train"] | {"epochs": epochs}})
+    run = subprocess.Popen(
+        [sys.executable, "src/train.py"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = project / "models/checkpoints"
+    wait_until(lambda: any(checkpoints.glob("*.pt")), seconds=60)  # epoch 1 is done
+    assert any(checkpoints.glob("*.pt")), run.communicate()
+    return run
+
+
+def test_a_failed_process_stops_the_others_with_one_error(project: Path) -> None:
+    write_processed(project)
+    run = start_long_run(project, epochs=200)
+    workers = workers_of(run.pid)
+    assert sorted(workers) == [0, 1]
+    os.kill(workers[1], signal.SIGKILL)  # as the out-of-memory killer would
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 1
+    assert (
+        "error: training process 1 of 2 was killed by signal 9 (its error, if it printed one, "
+        "is above); the others were stopped and nothing was written" in stderr.splitlines()
+    )
+    assert processes_running(b"src/train.py", project) == []
+    assert not (project / "models/model.pt").exists()
+    assert not (project / "reports/train").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_an_interrupted_run_resumes_to_the_same_weights(
+    project: Path, tmp_path: Path, signum: int
+) -> None:
+    write_processed(project)
+    epochs = 6
+    uninterrupted = make_project(tmp_path / "uninterrupted")
+    write_processed(uninterrupted)
+    write_params(uninterrupted, {"train": TWO["train"] | {"epochs": epochs}})
+    run_cmd([sys.executable, "src/train.py"], cwd=uninterrupted)
+
+    run = start_long_run(project, epochs)
+    run.send_signal(signum)  # the launcher: dvc's kill reaches it, or it dies outright
+    run.communicate(timeout=60)
+    wait_until(lambda: processes_running(b"src/train.py", project) == [], seconds=40)
+    assert processes_running(b"src/train.py", project) == []
+    assert not (project / "models/model.pt").exists()
+    resumed = subprocess.run(  # a process that did not resume would wait for the others
+        [sys.executable, "src/train.py"], cwd=project, capture_output=True, text=True, timeout=120
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from models/checkpoints/" in resumed.stdout
+    weights = load_torch(project / "models/model.pt")["state_dict"]
+    expected = load_torch(uninterrupted / "models/model.pt")["state_dict"]
+    assert largest_difference(weights, expected) == 0.0
+
+
+def test_a_run_is_the_same_run_with_any_number_of_processes() -> None:
+    settings = train.Settings(torch.device("cuda", 3), "bf16", True, True, False, True, 1024)
+    on_first_gpu = train.Settings(torch.device("cuda", 0), "bf16", True, True, False, True, 1024)
+    one = train.batchnorm_batch(512, distributed.ONE_PROCESS, sync_batchnorm=False)
+    four = distributed.World(rank=2, size=4, local_rank=2, local_size=4)
+    synced = train.batchnorm_batch(512, four, sync_batchnorm=True)
+    ghost = train.batchnorm_batch(512, four, sync_batchnorm=False)
+    assert (one, synced, ghost) == (512, 512, 128)
+    assert train.run_settings(settings, synced) == train.run_settings(on_first_gpu, one)
+    assert train.run_settings(settings, ghost) != train.run_settings(settings, one)
+
+
+def test_sync_batchnorm_is_for_several_processes_on_gpus() -> None:
+    two = distributed.World(rank=0, size=2, local_rank=0, local_size=2)
+    assert distributed.resolve_sync_batchnorm("auto", two, "cuda") is True
+    assert distributed.resolve_sync_batchnorm("auto", two, "cpu") is False
+    assert distributed.resolve_sync_batchnorm(True, distributed.ONE_PROCESS, "cuda") is False
+    with pytest.raises(Exception, match="train.sync_batchnorm = true needs CUDA devices"):
+        distributed.resolve_sync_batchnorm(True, two, "cpu")
+    assert distributed.resolve_processes("auto", 0) == 1
+    assert distributed.resolve_processes("auto", 4) == 4
+    assert distributed.resolve_processes(3, 4) == 3
+
+
+def test_a_batch_that_the_processes_cannot_share_is_refused(project: Path) -> None:
+    write_processed(project)
+    write_params(project, {"train": TWO["train"] | {"processes": 3, "batch_size": 50}})
+    result = run_cmd([sys.executable, "src/train.py"], cwd=project, check=False)
+    assert result.returncode == 1
+    assert "train.batch_size = 50" in result.stderr
+    assert "a multiple of the 3 training processes" in result.stderr
+    assert processes_running(b"src/train.py", project) == []
+
+
+@pytest.mark.slow
+def test_dvc_repro_trains_with_two_processes(tmp_path: Path, mnist_mirror: str) -> None:
+    project = make_project(tmp_path / "project")
+    write_params(project, TWO)
+    init_repo(project)
+    repro = run_cmd(["dvc", "repro"], cwd=project, MNIST_MIRROR=mnist_mirror)
+    assert "starting 2 training processes on the CPU (Gloo)" in repro.stdout
+    assert json.loads((project / "reports/eval/metrics.json").read_text())["test"]["images"] > 0
+    status = run_cmd(["dvc", "status", "--json"], cwd=project)
+    assert json.loads(status.stdout) == {}
+
+
+# --------------------------------------------------------------------------- GPU claims
+
+CLAIM = """
+import sys, time
+sys.path.insert(0, "src")
+import device
+print(device.claim_gpus(int(sys.argv[1]), ["0", "1"], sys.argv[2]), flush=True)
+time.sleep(600)
+"""
+
+
+def claimer(count: int, lock_dir: Path) -> subprocess.Popen:
+    """A process that claims `count` of two faked GPUs, prints their positions and holds them."""
+    root = Path(__file__).parent.parent
+    return subprocess.Popen(
+        [sys.executable, "-c", CLAIM, str(count), str(lock_dir)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_each_run_claims_a_gpu_that_no_other_run_holds(tmp_path: Path) -> None:
+    first, second = claimer(1, tmp_path), None
+    try:
+        assert first.stdout.readline() == "[0]\n"
+        second = claimer(1, tmp_path)
+        assert second.stdout.readline() == "[1]\n"
+    finally:
+        for run in (first, second):
+            if run:
+                run.kill()
+                run.wait()
+
+
+def test_a_run_waits_while_every_gpu_is_held_and_takes_a_freed_one(tmp_path: Path) -> None:
+    holders = [claimer(1, tmp_path) for _ in range(2)]
+    waiting = None
+    try:
+        assert sorted(h.stdout.readline() for h in holders) == ["[0]\n", "[1]\n"]
+        waiting = claimer(1, tmp_path)
+        message = waiting.stdout.readline()
+        assert message.startswith("waiting for 1 free GPU(s) of 2: other runs of this project")
+        assert f"GPU 0: pid {holders[0].pid}" in message or f"GPU 1: pid {holders[0].pid}" in (
+            message
+        )
+        time.sleep(1)
+        assert waiting.poll() is None
+        holders[1].kill()  # dies without releasing anything: the OS releases its lock
+        holders[1].wait()
+        assert waiting.stdout.readline().startswith("waited ")
+        assert waiting.stdout.readline() in ("[0]\n", "[1]\n")
+    finally:
+        for run in [*holders, waiting]:
+            if run:
+                run.kill()
+                run.wait()
+
+
+def test_a_run_takes_all_the_gpus_it_needs_or_none(tmp_path: Path) -> None:
+    one = claimer(1, tmp_path)
+    pair = None
+    try:
+        assert one.stdout.readline() == "[0]\n"
+        pair = claimer(2, tmp_path)
+        assert pair.stdout.readline().startswith("waiting for 2 free GPU(s) of 2")
+        # while it waits it holds nothing: another single claim gets the free GPU
+        single = claimer(1, tmp_path)
+        assert single.stdout.readline() == "[1]\n"
+        single.kill()
+        single.wait()
+        one.kill()
+        one.wait()
+        assert pair.stdout.readline().startswith("waited ")
+        assert pair.stdout.readline() == "[0, 1]\n"
+    finally:
+        for run in (one, pair):
+            if run:
+                run.kill()
+                run.wait()
+
+
+def test_more_gpus_than_there_are_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="3 GPUs wanted, but this machine shows 2"):
+        device.claim_gpus(3, ["0", "1"], tmp_path)
