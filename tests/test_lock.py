@@ -59,3 +59,15 @@ def test_the_locked_params_are_the_committed_defaults() -> None:
 )
 def test_git_tracked_outputs_are_the_locked_ones(out: dict) -> None:
     assert dvc_md5(ROOT / out["path"]) == out["md5"], out["path"]
+
+
+@pytest.mark.parametrize(
+    "dep",
+    [dep for stage in LOCK.values() for dep in stage.get("deps", []) if git_tracked(dep["path"])],
+    ids=lambda dep: dep["path"],
+)
+def test_the_locked_code_is_the_committed_code(dep: dict) -> None:
+    assert dvc_md5(ROOT / dep["path"]) == dep["md5"], (
+        f"{dep['path']} changed since the baseline in dvc.lock was run: the locked metrics "
+        "no longer describe the committed code; run `dvc repro` and commit dvc.lock and reports/"
+    )
