@@ -15,8 +15,13 @@ device, `auto` by default; at the other `auto` batch size; and with each of
 achieved TFLOP/s (and the fraction of the GPU's peak), peak memory and the
 hardware. Prints a table, then one JSON line.
 
+With --scaling, instead: the train stage itself (`python src/train.py`, 2 epochs
+in a temp copy of the project) with 1, 2, 4, ... processes up to the number of
+GPUs (on a CPU: 1 and 2 Gloo processes), and the images/s of its last epoch.
+
     python src/bench.py                         # the best device here, width 64
     python src/bench.py --device cpu --width 16 --steps 5
+    python src/bench.py --scaling               # data-parallel scaling over the GPUs
 
 Inputs: `paths.processed`/{train,val}.pt and `paths.raw`/ (`dvc repro preprocess`).
 """
@@ -28,6 +33,8 @@ import dataclasses
 import json
 import platform
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +42,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from torch.autograd import DeviceType
 from torch.utils.flop_counter import FlopCounterMode
@@ -273,6 +281,36 @@ def flipped(p: train.TrainParams, s: train.Settings, option: str) -> tuple[str, 
     return label, dataclasses.replace(p, **changes)
 
 
+def bench_scaling(counts: list[int], width: int, device: str) -> dict[int, float]:
+    """{processes: images/s of the last of 2 epochs} of `python src/train.py` in a temp
+    copy of the project (this workspace's data) with `train.processes` at each count."""
+    root, results = Path(__file__).resolve().parent.parent, {}
+    for count in counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            project = Path(tmp)
+            shutil.copytree(root / "src", project / "src")
+            (project / "data").mkdir()
+            (project / "data/processed").symlink_to(root / load_paths().processed)
+            params = yaml.safe_load((root / "params.yaml").read_text())
+            params["model"]["width"] = width
+            params["train"].update(
+                processes=count, epochs=2, warmup_epochs=1, checkpoint_every=0, device=device
+            )
+            (project / "params.yaml").write_text(yaml.safe_dump(params))
+            done = subprocess.run(
+                [sys.executable, "src/train.py"], cwd=project, capture_output=True, text=True
+            )
+            if done.returncode:
+                raise PipelineError(f"{count} processes: {done.stderr.strip()[-400:]}")
+            metrics = json.loads((project / "reports/train/metrics.json").read_text())
+            results[count] = metrics["images_per_s"]
+            print(
+                f"{count:>9}{results[count]:>12.1f}{results[count] / results[counts[0]]:>10.3f}",
+                flush=True,
+            )
+    return results
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -302,6 +340,11 @@ def parse_args() -> argparse.Namespace:
         help=f"options to flip from auto, comma-separated, of {', '.join(OPTIONS)}"
         " (default: all on CUDA, channels_last elsewhere; '' for none)",
     )
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead: the train stage's images/s with 1, 2, 4, ... processes",
+    )
     args = parser.parse_args()
     for name in ("width", "steps", "batch_size", "repeats"):
         value = getattr(args, name)
@@ -314,6 +357,18 @@ def main() -> None:
     args = parse_args()
     paths = load_paths()
     device = pick_device(args.device)
+    if args.scaling:
+        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max(gpus, 2)]
+        if device.type == "cuda" and gpus < 2:
+            print("one GPU: nothing to scale over; measuring 1 process only")
+            counts = [1]
+        where = f"{gpus} GPUs (NCCL)" if device.type == "cuda" else "the CPU (Gloo)"
+        print(f"{hardware(device)}; torch {torch.__version__}; width {args.width}; on {where}")
+        print(f"{'processes':>9}{'images/s':>12}{'vs 1':>10}")
+        scaling = bench_scaling(counts, args.width, device.type)
+        print(json.dumps({"scaling": {"hardware": hardware(device), "images_per_s": scaling}}))
+        return
     torch.backends.cudnn.benchmark = True  # as the train stage does (not deterministic)
     p = load_params(train.TrainParams)
     batch = args.batch_size or (64 if device.type == "cpu" else p.batch_size)

@@ -124,3 +124,24 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
 def test_flop_count_of_resnet18() -> None:
     # about 3.3 GFLOP per training image at width 64 (forward ~1.1, backward ~2x that)
     assert 3.0e9 < bench.training_flops_per_image(64) < 3.6e9
+
+
+def test_bench_scaling_runs_the_train_stage_with_each_number_of_processes(
+    project: Path, synthetic_files: dict
+) -> None:
+    raw = project / "data/raw"
+    raw.mkdir(parents=True)
+    for name, data in synthetic_files.items():
+        (raw / name).write_bytes(data)
+    write_params(project, {"preprocess": {"train_limit": 0, "test_limit": 0}})
+    run_cmd([sys.executable, "src/preprocess.py"], cwd=project)
+    result = run_cmd(
+        [sys.executable, "src/bench.py", "--device", "cpu", "--width", "2", "--scaling"],
+        cwd=project,
+    )
+    assert "on the CPU (Gloo)" in result.stdout
+    rows = [ln.split() for ln in result.stdout.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s", ln)]
+    assert [row[0] for row in rows] == ["1", "2"]
+    scaling = json.loads(result.stdout.strip().splitlines()[-1])["scaling"]["images_per_s"]
+    assert [float(row[1]) for row in rows] == pytest.approx([scaling["1"], scaling["2"]], abs=0.1)
+    assert float(rows[1][2]) == pytest.approx(scaling["2"] / scaling["1"], abs=0.001)
