@@ -172,13 +172,14 @@ def write_params(project: Path, overrides: dict) -> None:
 
 def processes_running(script: bytes, folder: Path) -> list[int]:
     """Pids of the processes working in `folder` whose command line has an argument that
-    starts with `script` (b"src/" for any stage, say); Linux (/proc)."""
+    starts with `script` (b"src/" for any stage, say), or names it by an absolute path
+    (the workers of a multi-process training run); Linux (/proc)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if any(a.startswith(script) for a in argv) and Path(
+                if any(a.startswith(script) or b"/" + script in a for a in argv) and Path(
                     os.readlink(entry / "cwd")
                 ) == Path(folder):
                     pids.append(int(entry.name))

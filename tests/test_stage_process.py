@@ -40,7 +40,8 @@ process.run(main)
 # A stand-in for `dvc`, named dvc as DVC's entry point is: starts the stage as DVC does
 # (DVC_STAGE set; through a shell, as with SHELL=/bin/sh, or directly) and waits.
 FAKE_DVC = """
-import os, subprocess, sys, time
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as under a terminal, even if the tests run in nohup
 command = [sys.executable, "stage.py"]
 if sys.argv[1] == "shell":
     command = ["/bin/sh", "-c", " ".join(command) + "; true"]  # `; true`: sh cannot exec
