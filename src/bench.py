@@ -285,17 +285,17 @@ def bench_scaling(counts: list[int], width: int, device: str) -> dict[int, float
     """{processes: images/s of the last of 2 epochs} of `python src/train.py` in a temp
     copy of the project (this workspace's data) with `train.processes` at each count."""
     root, results = Path(__file__).resolve().parent.parent, {}
+    processed = root / load_paths().processed
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"]["width"] = width
+    params["train"].update(epochs=2, warmup_epochs=1, checkpoint_every=0, device=device)
     for count in counts:
         with tempfile.TemporaryDirectory() as tmp:
             project = Path(tmp)
             shutil.copytree(root / "src", project / "src")
             (project / "data").mkdir()
-            (project / "data/processed").symlink_to(root / load_paths().processed)
-            params = yaml.safe_load((root / "params.yaml").read_text())
-            params["model"]["width"] = width
-            params["train"].update(
-                processes=count, epochs=2, warmup_epochs=1, checkpoint_every=0, device=device
-            )
+            (project / "data/processed").symlink_to(processed)
+            params["train"]["processes"] = count
             (project / "params.yaml").write_text(yaml.safe_dump(params))
             done = subprocess.run(
                 [sys.executable, "src/train.py"], cwd=project, capture_output=True, text=True
@@ -364,10 +364,11 @@ def main() -> None:
             print("one GPU: nothing to scale over; measuring 1 process only")
             counts = [1]
         where = f"{gpus} GPUs (NCCL)" if device.type == "cuda" else "the CPU (Gloo)"
-        print(f"{hardware(device)}; torch {torch.__version__}; width {args.width}; on {where}")
+        name = hardware(device)
+        print(f"{name}; torch {torch.__version__}; width {args.width}; on {where}")
         print(f"{'processes':>9}{'images/s':>12}{'vs 1':>10}")
         scaling = bench_scaling(counts, args.width, device.type)
-        print(json.dumps({"scaling": {"hardware": hardware(device), "images_per_s": scaling}}))
+        print(json.dumps({"scaling": {"hardware": name, "images_per_s": scaling}}))
         return
     torch.backends.cudnn.benchmark = True  # as the train stage does (not deterministic)
     p = load_params(train.TrainParams)

@@ -188,6 +188,26 @@ def processes_running(script: bytes, folder: Path) -> list[int]:
     return pids
 
 
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    return process._start_time(pid) is not None
+
+
+def write_processed(project: Path, n_train: int = 400, n_val: int = 50) -> None:
+    """Synthetic digits as the preprocess stage writes them (no mirror needed)."""
+    import torch
+
+    from preprocess import resize
+
+    processed = project / "data/processed"
+    processed.mkdir(parents=True)
+    x, y = synthetic_digits(n_train + n_val, seed=3)
+    images, labels = resize(torch.from_numpy(x)), torch.from_numpy(y).long()
+    for split, part in (("train", slice(0, n_train)), ("val", slice(n_train, None))):
+        torch.save({"images": images[part], "labels": labels[part]}, processed / f"{split}.pt")
+    (processed / "stats.json").write_text('{"mean": 0.13, "std": 0.3}')
+
+
 def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
     """Poll `condition` until it holds or `seconds` have passed."""
     deadline = time.monotonic() + seconds

@@ -22,22 +22,23 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     TINY,
+    alive,
     init_repo,
     make_project,
     processes_running,
     run_cmd,
-    synthetic_digits,
     wait_until,
     write_params,
+    write_processed,
 )
 from torch import nn
 
 import device
 import distributed
+import process
 import train
 from common import load_params, load_torch, seed_everything
 from model import resnet18
-from preprocess import resize
 
 TWO = {"train": TINY["train"] | {"processes": 2, "precision": "fp32"}}
 
@@ -51,17 +52,6 @@ TWO = {"train": TINY["train"] | {"processes": 2, "precision": "fp32"}}
 # BatchNorm over 50 images instead of 25 makes (4.6e-2).
 TOLERANCE = 1e-5
 EQUIVALENCE = {"train": TWO["train"] | {"lr": 0.01}}  # 2 epochs of 2 steps: 100 images
-
-
-def write_processed(project: Path, n_train: int = 400, n_val: int = 50) -> None:
-    """Synthetic digits as preprocess writes them: no mirror needed."""
-    processed = project / "data/processed"
-    processed.mkdir(parents=True)
-    x, y = synthetic_digits(n_train + n_val, seed=3)
-    images, labels = resize(torch.from_numpy(x)), torch.from_numpy(y).long()
-    for split, part in (("train", slice(0, n_train)), ("val", slice(n_train, None))):
-        torch.save({"images": images[part], "labels": labels[part]}, processed / f"{split}.pt")
-    (processed / "stats.json").write_text('{"mean": 0.13, "std": 0.3}')
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -154,7 +144,7 @@ def workers_of(launcher: int) -> dict[int, int]:
     workers = {}
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().split()[3]) == launcher:
+            if entry.name.isdigit() and process._parent_of(int(entry.name)) == launcher:
                 env = dict(
                     v.split(b"=", 1) for v in (entry / "environ").read_bytes().split(b"\0") if v
                 )
@@ -178,14 +168,6 @@ def start_long_run(project: Path, epochs: int) -> subprocess.Popen:
     wait_until(lambda: any(checkpoints.glob("*.pt")), seconds=60)  # epoch 1 is done
     assert any(checkpoints.glob("*.pt")), run.communicate()
     return run
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_failed_process_stops_the_others_and_the_launcher_says_so(project: Path) -> None:

@@ -12,8 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import ROOT, TINY, processes_running, wait_until, write_params
+from conftest import (
+    ROOT,
+    TINY,
+    alive,
+    processes_running,
+    wait_until,
+    write_params,
+    write_processed,
+)
 
 import process
 from common import PipelineError
@@ -48,14 +55,6 @@ if sys.argv[1] == "shell":
 subprocess.Popen(command, env=os.environ | {{"DVC_STAGE": "train"}})
 time.sleep(600)
 """
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def stage_pids(folder: Path) -> list[int]:
@@ -143,12 +142,7 @@ def test_a_second_holder_of_a_stage_lock_is_refused_naming_the_first(tmp_path: P
 
 
 def test_a_second_trainer_fails_at_once_naming_the_first(project: Path) -> None:
-    processed = project / "data/processed"
-    processed.mkdir(parents=True)
-    for split, n in (("train", 400), ("val", 50)):
-        images = torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8)
-        torch.save({"images": images, "labels": torch.arange(n) % 10}, processed / f"{split}.pt")
-    (processed / "stats.json").write_text('{"mean": 0.5, "std": 0.3}')
+    write_processed(project)
     write_params(project, TINY | {"train": TINY["train"] | {"epochs": 500}})
     first = subprocess.Popen(
         [sys.executable, "src/train.py"],
