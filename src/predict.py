@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import sys
 import typing
@@ -63,9 +64,11 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as opened:
             image = ImageOps.exif_transpose(opened)  # phone photos are stored sideways + a tag
-            if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer, float
-                scale = 1.0 if image.mode == "F" else 65535.0
-                grey = np.asarray(image, dtype=np.float32) / scale
+            if image.mode == "F":  # 32-bit float, taken as [0, 1]
+                grey = np.asarray(image, dtype=np.float32)
+            elif image.mode.startswith("I"):  # 16/32-bit integer
+                grey = np.asarray(image, dtype=np.float32)
+                grey /= integer_full_scale(float(grey.max(initial=0.0)))
             else:
                 if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
                     white = Image.new("RGBA", image.size, "white")
@@ -82,6 +85,13 @@ def load_image(path: str | Path) -> np.ndarray:
     if grey.size == 0:
         raise ImageError("empty image (no pixels)")
     return np.clip(grey, 0.0, 1.0)
+
+
+def integer_full_scale(brightest: float) -> float:
+    """White of an integer image whose brightest pixel is `brightest`: 65535 for 16 bits,
+    but 255 where no pixel passes 255, since some writers store 8-bit values in 16-bit
+    files (a true 16-bit image that dark would be blank: under 0.4% of full scale)."""
+    return 255.0 if brightest <= 255 else 65535.0 if brightest <= 65535 else brightest
 
 
 def median3(image: np.ndarray) -> np.ndarray:
@@ -231,4 +241,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    try:
+        run(main)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `predict.py *.png | head`: the reader left; no traceback
+        # Python's advice (docs, "Note on SIGPIPE"): stdout to devnull, so that the
+        # flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -226,10 +228,12 @@ def test_exif_orientation_transparency_and_16_bits_are_read(tmp_path: Path) -> N
     rgba[..., 3] = 255 - grey  # black ink, transparent paper: composited onto white
     Image.fromarray(rgba).save(tmp_path / "alpha.png")
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    Image.fromarray(grey.astype(np.uint16)).save(tmp_path / "shallow.png")  # 8-bit values
+    assert Image.open(tmp_path / "deep.png").mode == Image.open(tmp_path / "shallow.png").mode
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
     plain = predict.load_image(tmp_path / "plain.png")
     assert plain.dtype == np.float32 and plain.shape == grey.shape
-    for name in ("r.png", "alpha.png", "deep.png"):
+    for name in ("r.png", "alpha.png", "deep.png", "shallow.png"):
         loaded = predict.load_image(tmp_path / name)
         assert loaded.shape == plain.shape and np.abs(loaded - plain).max() <= 1 / 255, name
 
@@ -352,3 +356,16 @@ def test_command_line_end_to_end(model_file: Path, tmp_path: Path) -> None:
     done = run_cmd([sys.executable, script, "d.png", "--model", str(absent)], tmp_path, check=False)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == f"error: {absent} not found: run `dvc repro` (or `dvc pull`) first\n"
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(model_file: Path, tmp_path: Path) -> None:
+    """`predict.py *.png | head -1`: once the reader has gone, predict stops quietly."""
+    Image.fromarray(np.round(synthetic_digit() * 255).astype(np.uint8)).save(tmp_path / "d.png")
+    script = [sys.executable, str(ROOT / "src" / "predict.py"), "--model", str(model_file)]
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before predict writes its first line
+    with os.fdopen(write, "wb") as stdout:
+        done = subprocess.run(
+            [*script, "d.png"], cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE, text=True
+        )
+    assert (done.returncode, done.stderr) == (1, "")
