@@ -281,11 +281,11 @@ def flipped(p: train.TrainParams, s: train.Settings, option: str) -> tuple[str, 
     return label, dataclasses.replace(p, **changes)
 
 
-def bench_scaling(counts: list[int], width: int, device: str) -> dict[int, float]:
+def bench_scaling(counts: list[int], width: int, device: str, processed: Path) -> dict[int, float]:
     """{processes: images/s of the last of 2 epochs} of `python src/train.py` in a temp
-    copy of the project (this workspace's data) with `train.processes` at each count."""
+    copy of the project (the data in `processed`) with `train.processes` at each count."""
     root, results = Path(__file__).resolve().parent.parent, {}
-    processed = root / load_paths().processed
+    processed = processed.resolve()
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["model"]["width"] = width
     params["train"].update(epochs=2, warmup_epochs=1, checkpoint_every=0, device=device)
@@ -367,7 +367,7 @@ def main() -> None:
         name = hardware(device)
         print(f"{name}; torch {torch.__version__}; width {args.width}; on {where}")
         print(f"{'processes':>9}{'images/s':>12}{'vs 1':>10}")
-        scaling = bench_scaling(counts, args.width, device.type)
+        scaling = bench_scaling(counts, args.width, device.type, Path(paths.processed))
         print(json.dumps({"scaling": {"hardware": name, "images_per_s": scaling}}))
         return
     torch.backends.cudnn.benchmark = True  # as the train stage does (not deterministic)
