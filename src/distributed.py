@@ -65,9 +65,17 @@ def holds_workspace() -> bool:
     return LAUNCHER_ENV not in os.environ and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def resolve_processes(requested: int | str, cuda_devices: int) -> int:
-    """`train.processes`: auto is one process per visible CUDA device, else 1."""
-    return max(1, cuda_devices) if requested == "auto" else int(requested)
+def resolve_processes(requested: int | str, cuda_devices: int, batch_size: int) -> int:
+    """`train.processes`: auto is one process per visible CUDA device (else 1), or as
+    many as share `batch_size` evenly (512 on 6 GPUs: 4); a number must share it."""
+    if requested == "auto":
+        return max(n for n in range(1, max(1, cuda_devices) + 1) if batch_size % n == 0)
+    if batch_size % int(requested):
+        raise PipelineError(
+            f"params.yaml: train.processes = {requested} does not divide train.batch_size = "
+            f"{batch_size} (each process takes an equal share of every batch)"
+        )
+    return int(requested)
 
 
 def resolve_sync_batchnorm(requested: bool | str, world: World, device_type: str) -> bool:
@@ -91,6 +99,9 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
     `torchrun --standalone --nproc-per-node N` does) and wait for them. `gpus`: the
     CUDA devices claimed for them, one each. If one fails, the launch API stops the
     others; the failure is raised as one PipelineError (its own error is above)."""
+    import dataclasses
+    import signal
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -110,6 +121,11 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
         max_restarts=0,  # a failure is reported, not retried: a resume is `dvc repro`
         monitor_interval=0.5,
     )
+    # the launch API handles these signals itself; not those that were ignored here
+    # (nohup's SIGHUP, a background job's SIGINT): they stay ignored, as in one process
+    if "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchConfig)}:
+        config.signals_to_handle = ",".join(handled_signals())
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         elastic_launch(config, sys.executable)(script)
     except ChildFailedError as failed:
@@ -125,6 +141,17 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
         ) from None
     except SignalException:  # the agent stopped the workers first
         raise KeyboardInterrupt from None
+    finally:  # the launch API leaves its handlers installed
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def handled_signals() -> list[str]:
+    """The stop signals that this process does not ignore."""
+    import signal
+
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    return [n for n in names if signal.getsignal(getattr(signal, n)) is not signal.SIG_IGN]
 
 
 def start(world: World, device: Any) -> None:
@@ -140,6 +167,15 @@ def start(world: World, device: Any) -> None:
         # the CPU's cores shared among this machine's processes, as torchrun does
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
         dist.init_process_group("gloo")
+
+
+def all_done() -> None:
+    """Wait until every process got here: the main one writes the outputs while the
+    others are done, and NCCL's teardown may itself be collective."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def finish() -> None:

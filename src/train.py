@@ -513,7 +513,7 @@ def main() -> None:
     if world is None:
         cuda = device.type == "cuda"
         gpu_count = torch.cuda.device_count() if cuda else 0
-        processes = distributed.resolve_processes(p.processes, gpu_count)
+        processes = distributed.resolve_processes(p.processes, gpu_count, p.batch_size)
         if processes > 1:
             gpus = visible_gpus() if cuda else None
             if gpus is not None:
@@ -533,6 +533,7 @@ def main() -> None:
     distributed.start(world, device)
     try:
         train(model_p, p, paths, settings, world, sync_batchnorm)
+        distributed.all_done()
     finally:
         distributed.finish()
 
