@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from common import PipelineError
@@ -98,11 +99,19 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
     """Run `script` as `processes` workers on this machine (elastic launch, as
     `torchrun --standalone --nproc-per-node N` does) and wait for them. `gpus`: the
     CUDA devices claimed for them, one each. If one fails, the launch API stops the
-    others; the failure is raised as one PipelineError (its own error is above)."""
+    others. The workers' stderr goes to files: on success the main process's is
+    printed; on a failure only the one that caused it (root_cause), then one
+    PipelineError. The others' tracebacks (lost their peer) would only mislead."""
     import dataclasses
+    import shutil
     import signal
+    import tempfile
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import (
+        DefaultLogsSpecs,
+        SignalException,
+        Std,
+    )
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -111,7 +120,9 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     # the agent logs each worker's failure at length; ours is the one line below
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logs = Path(tempfile.mkdtemp(prefix="train-launch-"))
     config = LaunchConfig(
+        logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects=Std.ERR),
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=processes,
@@ -128,8 +139,11 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         elastic_launch(config, sys.executable)(script)
+        sys.stderr.write(stderr_of(logs, 0))  # warnings, say
     except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
+        rank = root_cause({r: f.exitcode for r, f in failed.failures.items()}, logs)
+        failure = failed.failures[rank]
+        sys.stderr.write(stderr_of(logs, rank))
         how = (
             f"was killed by signal {-failure.exitcode}"
             if failure.exitcode < 0
@@ -144,6 +158,30 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
     finally:  # the launch API leaves its handlers installed
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def stderr_of(logs: Path, local_rank: int) -> str:
+    """What the worker `local_rank` wrote to stderr (the launch API's log layout)."""
+    files = sorted(logs.glob(f"*/attempt_*/{local_rank}/stderr.log"))
+    return files[-1].read_text(errors="replace") if files else ""
+
+
+def root_cause(exit_codes: dict[int, int], logs: Path) -> int:
+    """The rank whose failure caused the others': one killed by a signal other than
+    SIGTERM (the out-of-memory killer's SIGKILL, say), else one that stopped with its
+    own error line (a PipelineError),
+    else the lowest. A process whose peer died fails with a traceback of the lost
+    connection (Gloo) or an aborted communicator (NCCL): a consequence."""
+
+    def own_error(rank: int) -> bool:
+        lines = stderr_of(logs, rank).strip().splitlines()
+        return bool(lines) and lines[-1].startswith("error: ")
+
+    # SIGTERM is how the launch API stops the others: not a cause
+    killed = [rank for rank, code in exit_codes.items() if code < 0 and code != -15]
+    errors = [rank for rank in exit_codes if own_error(rank)]
+    return min(killed or errors or exit_codes)
 
 
 def handled_signals() -> list[str]:
