@@ -54,6 +54,7 @@ from device import (
     autocast_dtype_of,
     claim_device,
     claim_gpus,
+    gpu_ids,
     memory_format_of,
     pick_device,
     resolve_channels_last,
@@ -517,7 +518,7 @@ def main() -> None:
         if processes > 1:
             gpus = visible_gpus() if cuda else None
             if gpus is not None:
-                gpus = [gpus[i] for i in claim_gpus(processes, gpus)]
+                gpus = [gpus[i] for i in claim_gpus(processes, gpus, ids=gpu_ids())]
             where = f"GPUs {', '.join(gpus)} (NCCL)" if gpus else "the CPU (Gloo)"
             print(f"starting {processes} training processes on {where}", flush=True)
             distributed.launch(processes, __file__, gpus)

@@ -405,3 +405,28 @@ def test_a_run_takes_all_the_gpus_it_needs_or_none(tmp_path: Path) -> None:
 def test_more_gpus_than_there_are_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="3 GPUs wanted, but this machine shows 2"):
         device.claim_gpus(3, ["0", "1"], tmp_path)
+
+
+def test_gpu_locks_are_shared_by_every_users_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locks = tmp_path / "locks"
+    assert device.claim_gpus(1, ["0", "1"], locks) == [0]  # held until pytest ends: a temp dir
+    assert locks.stat().st_mode & 0o7777 == 0o1777  # like /tmp: anyone adds, only owners remove
+    assert (locks / "gpu-0.lock").stat().st_mode & 0o777 == 0o666
+    # a lock file another user made read-only for us still locks (flock needs no write)
+    (locks / "gpu-1.lock").write_text("4242\n")
+
+    def refused(*args: object, **kwargs: object) -> int:
+        raise PermissionError("not ours")
+
+    monkeypatch.setattr(device.os, "open", refused)
+    assert device.claim_gpus(1, ["0", "1"], locks) == [1]
+    assert (locks / "gpu-1.lock").read_text() == "4242\n"  # could not write our pid
+
+
+def test_gpu_locks_are_named_by_the_gpus_ids(tmp_path: Path) -> None:
+    """Two runs that number one GPU differently (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER)
+    still lock the same file: its UUID's."""
+    assert device.claim_gpus(1, ["3"], tmp_path, ids=["GPU-5a1e"]) == [0]
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu-GPU-5a1e.lock"]
