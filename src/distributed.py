@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from common import PipelineError
@@ -65,9 +66,17 @@ def holds_workspace() -> bool:
     return LAUNCHER_ENV not in os.environ and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def resolve_processes(requested: int | str, cuda_devices: int) -> int:
-    """`train.processes`: auto is one process per visible CUDA device, else 1."""
-    return max(1, cuda_devices) if requested == "auto" else int(requested)
+def resolve_processes(requested: int | str, cuda_devices: int, batch_size: int) -> int:
+    """`train.processes`: auto is one process per visible CUDA device (else 1), or as
+    many as share `batch_size` evenly (512 on 6 GPUs: 4); a number must share it."""
+    if requested == "auto":
+        return max(n for n in range(1, max(1, cuda_devices) + 1) if batch_size % n == 0)
+    if batch_size % int(requested):
+        raise PipelineError(
+            f"params.yaml: train.processes = {requested} does not divide train.batch_size = "
+            f"{batch_size} (each process takes an equal share of every batch)"
+        )
+    return int(requested)
 
 
 def resolve_sync_batchnorm(requested: bool | str, world: World, device_type: str) -> bool:
@@ -90,8 +99,19 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
     """Run `script` as `processes` workers on this machine (elastic launch, as
     `torchrun --standalone --nproc-per-node N` does) and wait for them. `gpus`: the
     CUDA devices claimed for them, one each. If one fails, the launch API stops the
-    others; the failure is raised as one PipelineError (its own error is above)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    others. The workers' stderr goes to files: on success the main process's is
+    printed; on a failure only the one that caused it (root_cause), then one
+    PipelineError. The others' tracebacks (lost their peer) would only mislead."""
+    import dataclasses
+    import shutil
+    import signal
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import (
+        DefaultLogsSpecs,
+        SignalException,
+        Std,
+    )
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -100,7 +120,9 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     # the agent logs each worker's failure at length; ours is the one line below
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logs = Path(tempfile.mkdtemp(prefix="train-launch-"))
     config = LaunchConfig(
+        logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects=Std.ERR),
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=processes,
@@ -110,10 +132,18 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
         max_restarts=0,  # a failure is reported, not retried: a resume is `dvc repro`
         monitor_interval=0.5,
     )
+    # the launch API handles these signals itself; not those that were ignored here
+    # (nohup's SIGHUP, a background job's SIGINT): they stay ignored, as in one process
+    if "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchConfig)}:
+        config.signals_to_handle = ",".join(handled_signals())
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         elastic_launch(config, sys.executable)(script)
+        sys.stderr.write(stderr_of(logs, 0))  # warnings, say
     except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
+        rank = root_cause({r: f.exitcode for r, f in failed.failures.items()}, logs)
+        failure = failed.failures[rank]
+        sys.stderr.write(stderr_of(logs, rank))
         how = (
             f"was killed by signal {-failure.exitcode}"
             if failure.exitcode < 0
@@ -125,6 +155,41 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
         ) from None
     except SignalException:  # the agent stopped the workers first
         raise KeyboardInterrupt from None
+    finally:  # the launch API leaves its handlers installed
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def stderr_of(logs: Path, local_rank: int) -> str:
+    """What the worker `local_rank` wrote to stderr (the launch API's log layout)."""
+    files = sorted(logs.glob(f"*/attempt_*/{local_rank}/stderr.log"))
+    return files[-1].read_text(errors="replace") if files else ""
+
+
+def root_cause(exit_codes: dict[int, int], logs: Path) -> int:
+    """The rank whose failure caused the others': one killed by a signal other than
+    SIGTERM (the out-of-memory killer's SIGKILL, say), else one that stopped with its
+    own error line (a PipelineError),
+    else the lowest. A process whose peer died fails with a traceback of the lost
+    connection (Gloo) or an aborted communicator (NCCL): a consequence."""
+
+    def own_error(rank: int) -> bool:
+        lines = stderr_of(logs, rank).strip().splitlines()
+        return bool(lines) and lines[-1].startswith("error: ")
+
+    # SIGTERM is how the launch API stops the others: not a cause
+    killed = [rank for rank, code in exit_codes.items() if code < 0 and code != -15]
+    errors = [rank for rank in exit_codes if own_error(rank)]
+    return min(killed or errors or exit_codes)
+
+
+def handled_signals() -> list[str]:
+    """The stop signals that this process does not ignore."""
+    import signal
+
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    return [n for n in names if signal.getsignal(getattr(signal, n)) is not signal.SIG_IGN]
 
 
 def start(world: World, device: Any) -> None:
@@ -140,6 +205,15 @@ def start(world: World, device: Any) -> None:
         # the CPU's cores shared among this machine's processes, as torchrun does
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
         dist.init_process_group("gloo")
+
+
+def all_done() -> None:
+    """Wait until every process got here: the main one writes the outputs while the
+    others are done, and NCCL's teardown may itself be collective."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def finish() -> None:

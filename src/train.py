@@ -54,6 +54,7 @@ from device import (
     autocast_dtype_of,
     claim_device,
     claim_gpus,
+    gpu_ids,
     memory_format_of,
     pick_device,
     resolve_channels_last,
@@ -513,11 +514,11 @@ def main() -> None:
     if world is None:
         cuda = device.type == "cuda"
         gpu_count = torch.cuda.device_count() if cuda else 0
-        processes = distributed.resolve_processes(p.processes, gpu_count)
+        processes = distributed.resolve_processes(p.processes, gpu_count, p.batch_size)
         if processes > 1:
             gpus = visible_gpus() if cuda else None
             if gpus is not None:
-                gpus = [gpus[i] for i in claim_gpus(processes, gpus)]
+                gpus = [gpus[i] for i in claim_gpus(processes, gpus, ids=gpu_ids())]
             where = f"GPUs {', '.join(gpus)} (NCCL)" if gpus else "the CPU (Gloo)"
             print(f"starting {processes} training processes on {where}", flush=True)
             distributed.launch(processes, __file__, gpus)
@@ -533,6 +534,7 @@ def main() -> None:
     distributed.start(world, device)
     try:
         train(model_p, p, paths, settings, world, sync_batchnorm)
+        distributed.all_done()
     finally:
         distributed.finish()
 
