@@ -400,9 +400,10 @@ def fit(
         for step, idx in enumerate(epoch_batches(n, p.batch_size, state.generator)):
             offsets = shift_offsets(p.batch_size, p.max_shift, state.generator)
             offsets = offsets and (offsets[0][part], offsets[1][part])
-            x = shift(data.train_x[idx[part]], offsets, p.max_shift)
+            idx = idx[part]  # this rank's slice of the global batch
+            x = shift(data.train_x[idx], offsets, p.max_shift)
             x = normalise(x, data.mean, data.std).contiguous(memory_format=s.memory_format)
-            y = data.train_y[idx[part]]
+            y = data.train_y[idx]
             with s.autocast():
                 logits = forward(x)
                 loss = loss_fn(logits, y)
