@@ -7,7 +7,9 @@ predict command and the benchmark.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -122,14 +124,31 @@ def gpu_ids() -> list[str] | None:
 
 def _open_lock(path: Path) -> Any:
     """The lock file at `path`, made writable by every user (several users' runs share
-    the GPUs); read-only if another user made it otherwise: flock works on either."""
+    the GPUs); read-only if another user made it otherwise: flock works on either. In a
+    folder every user writes to, a link could point elsewhere (another user's files):
+    only a plain file that nothing else links to is opened, and only our own chmodded."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    mode = "r+"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:
-        return open(path)
-    with contextlib.suppress(OSError):  # past the umask; only the file's owner may
-        os.fchmod(fd, 0o666)
-    return os.fdopen(fd, "r+")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | nofollow, 0o666)
+        except PermissionError:
+            fd, mode = os.open(path, os.O_RDONLY | nofollow), "r"
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise PipelineError(f"{path} is not a plain lock file (a link?): remove it") from None
+        raise PipelineError(
+            f"cannot open the GPU lock {path} ({error.strerror}): its folder is shared by "
+            f"every user's runs of this project, so it must be a plain file in a folder "
+            f"everyone may write to (chmod 1777 {path.parent})"
+        ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise PipelineError(f"{path} is not a plain lock file (a link?): remove it")
+    if info.st_uid == os.getuid():
+        os.fchmod(fd, 0o666)  # past the umask
+    return os.fdopen(fd, mode)
 
 
 def claim_gpus(

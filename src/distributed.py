@@ -26,6 +26,18 @@ from common import PipelineError
 
 # Set by our launcher for its workers: it holds the workspace's train lock and the GPUs.
 LAUNCHER_ENV = "TRAIN_LAUNCHER_PID"
+# The signals that stop a run; the launch API installs handlers for them.
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+# Exit codes of a worker that the launch API stopped with SIGTERM: a consequence.
+STOPPED = {130, -15}  # 130: our handler (process.run); -15: stopped before it was set
+# What a worker prints when a peer is gone: a consequence too.
+LOST_PEER = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "gloo/",
+    "DistBackendError",
+    "NCCL",
+)
 
 
 @dataclass(frozen=True)
@@ -136,11 +148,12 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
     # (nohup's SIGHUP, a background job's SIGINT): they stay ignored, as in one process
     if "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchConfig)}:
         config.signals_to_handle = ",".join(handled_signals())
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    saved = {getattr(signal, n): signal.getsignal(getattr(signal, n)) for n in STOP_SIGNALS}
     try:
         elastic_launch(config, sys.executable)(script)
         sys.stderr.write(stderr_of(logs, 0))  # warnings, say
-    except ChildFailedError as failed:
+        shutil.rmtree(logs, ignore_errors=True)
+    except ChildFailedError as failed:  # the logs stay: the others' stderr may still help
         rank = root_cause({r: f.exitcode for r, f in failed.failures.items()}, logs)
         failure = failed.failures[rank]
         sys.stderr.write(stderr_of(logs, rank))
@@ -150,15 +163,16 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
             else f"exited with code {failure.exitcode}"
         )
         raise PipelineError(
-            f"training process {rank} of {processes} {how} (its error, if it printed "
-            f"one, is above); the others were stopped and nothing was written"
+            f"training process {rank} of {processes} {how} (its error, if it printed one, "
+            f"is above; every process's stderr is in {logs}); the others were stopped, "
+            "and `dvc repro` resumes from the last checkpoint"
         ) from None
     except SignalException:  # the agent stopped the workers first
+        shutil.rmtree(logs, ignore_errors=True)
         raise KeyboardInterrupt from None
     finally:  # the launch API leaves its handlers installed
         for signum, handler in saved.items():
             signal.signal(signum, handler)
-        shutil.rmtree(logs, ignore_errors=True)
 
 
 def stderr_of(logs: Path, local_rank: int) -> str:
@@ -168,28 +182,33 @@ def stderr_of(logs: Path, local_rank: int) -> str:
 
 
 def root_cause(exit_codes: dict[int, int], logs: Path) -> int:
-    """The rank whose failure caused the others': one killed by a signal other than
-    SIGTERM (the out-of-memory killer's SIGKILL, say), else one that stopped with its
-    own error line (a PipelineError),
-    else the lowest. A process whose peer died fails with a traceback of the lost
-    connection (Gloo) or an aborted communicator (NCCL): a consequence."""
+    """The rank whose failure caused the others', by the evidence each left: first one
+    that stopped with its own error line (a PipelineError), then one with a traceback
+    that is not about a lost peer (an error on that rank alone, out of memory say), then
+    one killed by a signal (the out-of-memory killer's SIGKILL), then the lowest. Not
+    causes: those the launch API stopped (SIGTERM: 130 from our handler, or -15) and
+    tracebacks of a lost connection (Gloo) or an aborted communicator (NCCL). Two ranks
+    both killed by SIGKILL (one by the kernel, one hung in NCCL and killed by the launch
+    API) cannot be told apart: the lower is named."""
 
-    def own_error(rank: int) -> bool:
-        lines = stderr_of(logs, rank).strip().splitlines()
-        return bool(lines) and lines[-1].startswith("error: ")
+    def evidence(rank: int) -> int:
+        text = stderr_of(logs, rank).strip()
+        if text and text.splitlines()[-1].startswith("error: "):
+            return 0
+        if exit_codes[rank] in STOPPED:
+            return 4
+        if "Traceback" in text and not any(s in text for s in LOST_PEER):
+            return 1
+        return 2 if exit_codes[rank] < 0 else 3
 
-    # SIGTERM is how the launch API stops the others: not a cause
-    killed = [rank for rank, code in exit_codes.items() if code < 0 and code != -15]
-    errors = [rank for rank in exit_codes if own_error(rank)]
-    return min(killed or errors or exit_codes)
+    return min(exit_codes, key=lambda rank: (evidence(rank), rank))
 
 
 def handled_signals() -> list[str]:
     """The stop signals that this process does not ignore."""
     import signal
 
-    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-    return [n for n in names if signal.getsignal(getattr(signal, n)) is not signal.SIG_IGN]
+    return [n for n in STOP_SIGNALS if signal.getsignal(getattr(signal, n)) is not signal.SIG_IGN]
 
 
 def start(world: World, device: Any) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,7 +38,8 @@ import device
 import distributed
 import process
 import train
-from common import load_params, load_torch, seed_everything
+from common import PipelineError, load_params, load_torch, seed_everything
+from distributed import STOP_SIGNALS
 from model import resnet18
 
 TWO = {"train": TINY["train"] | {"processes": 2, "precision": "fp32"}}
@@ -156,12 +159,14 @@ def workers_of(launcher: int) -> dict[int, int]:
 
 def start_long_run(project: Path, epochs: int) -> subprocess.Popen:
     write_params(project, {"train": TWO["train"] | {"epochs": epochs}})
+    (project / "tmp").mkdir(exist_ok=True)  # the launcher's logs, left when it is killed
     run = subprocess.Popen(
         [sys.executable, "src/train.py"],
         cwd=project,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=os.environ | {"TMPDIR": str(project / "tmp")},
     )
     checkpoints = project / "models/checkpoints"
     wait_until(lambda: any(checkpoints.glob("*.pt")), seconds=60)  # epoch 1 is done
@@ -181,10 +186,16 @@ def test_a_failed_process_stops_the_others_with_one_error(project: Path) -> None
     _, stderr = run.communicate(timeout=60)
     assert run.returncode == 1
     # one line: not the traceback of process 0, whose all-reduce lost its peer
-    assert stderr.splitlines() == [
-        "error: training process 1 of 2 was killed by signal 9 (its error, if it printed one, "
-        "is above); the others were stopped and nothing was written"
-    ]
+    [line] = stderr.splitlines()
+    logs = re.fullmatch(
+        r"error: training process 1 of 2 was killed by signal 9 \(its error, if it printed "
+        r"one, is above; every process's stderr is in (\S+)\); the others were stopped, and "
+        r"`dvc repro` resumes from the last checkpoint",
+        line,
+    )
+    assert logs, line
+    # kept there: process 0's account (its peer's connection lost, or stopped: "interrupted")
+    assert distributed.stderr_of(Path(logs[1]), 0).strip()
     wait_until(lambda: not any(alive(pid) for pid in workers.values()), seconds=40)
     assert processes_running(b"src/train.py", project) == []
     assert not (project / "models/model.pt").exists()
@@ -235,10 +246,77 @@ def test_signals_ignored_by_the_launcher_stay_ignored(project: Path) -> None:
     )
     checkpoints = project / "models/checkpoints"
     wait_until(lambda: any(checkpoints.glob("*.pt")), seconds=60)
+    assert run.poll() is None, "finished before the hang-up: the test proves nothing"
     run.send_signal(signal.SIGHUP)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 0, stderr
     assert (project / "models/model.pt").exists()
+
+
+def stderr_logs(tmp_path: Path, stderr: dict[int, str]) -> Path:
+    """A launch's log folder (the launch API's layout) with each rank's stderr."""
+    for rank, text in stderr.items():
+        folder = tmp_path / "run" / "attempt_0" / str(rank)
+        folder.mkdir(parents=True)
+        (folder / "stderr.log").write_text(text)
+    return tmp_path
+
+
+LOST = "Traceback (most recent call last):\n...\nRuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5302\n"  # noqa: E501
+OOM = "Traceback (most recent call last):\n...\ntorch.OutOfMemoryError: CUDA out of memory.\n"
+
+
+@pytest.mark.parametrize(
+    ("exit_codes", "stderr", "cause"),
+    [
+        ({0: 1, 1: -9}, {0: LOST, 1: ""}, 1),  # killed (the OOM killer); 0 lost its peer
+        ({0: 130, 1: -9}, {0: "interrupted\n", 1: ""}, 1),  # 0 stopped by the launcher
+        ({0: 130, 1: 1}, {0: "interrupted\n", 1: OOM}, 1),  # an error on rank 1 alone
+        ({0: 1, 1: 1}, {0: LOST, 1: OOM}, 1),
+        ({0: -9, 1: 1}, {0: "", 1: OOM}, 1),  # 0 hung in NCCL, killed after the timeout
+        ({0: -9, 1: 1}, {0: "", 1: "error: checkpoint unreadable\n"}, 1),
+        ({0: 1, 1: -15}, {0: "error: out of memory on cuda ...\n", 1: ""}, 0),
+        ({0: 130, 1: 1}, {0: "interrupted\n", 1: ""}, 1),  # 1 exited silently
+        ({0: 1, 1: -15}, {0: "", 1: ""}, 0),  # 1 stopped before its handler was set
+        ({0: 1, 1: 1}, {0: LOST, 1: LOST}, 0),  # no evidence either way: the lower
+    ],
+)
+def test_the_failure_named_is_the_cause_not_a_consequence(
+    tmp_path: Path, exit_codes: dict[int, int], stderr: dict[int, str], cause: int
+) -> None:
+    assert distributed.root_cause(exit_codes, stderr_logs(tmp_path, stderr)) == cause
+
+
+def test_out_of_memory_on_any_process_is_one_clear_error() -> None:
+    def records() -> Iterator[dict]:
+        yield {"epoch": 1}
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    p = load_params(train.TrainParams)
+    settings = train.resolve_settings(p, torch.device("cpu"))
+    named = train.out_of_memory_named(records(), p, settings)
+    assert next(named) == {"epoch": 1}
+    with pytest.raises(PipelineError, match=r"^out of memory on cpu with train.batch_size = "):
+        next(named)
+
+
+def test_the_launcher_puts_its_signal_handlers_back(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The launch API installs its own handlers and leaves them: they are ours again after."""
+    handlers = {getattr(signal, n): signal.getsignal(getattr(signal, n)) for n in STOP_SIGNALS}
+
+    def launch_api(config: object, entrypoint: str) -> Callable[[str], None]:
+        def run(script: str) -> None:
+            for signum in handlers:
+                signal.signal(signum, lambda *_: None)
+
+        return run
+
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", launch_api)
+    monkeypatch.setenv(distributed.LAUNCHER_ENV, "")  # launch sets it for its workers
+    distributed.launch(2, str(project / "src/train.py"), None)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
 def test_a_run_is_the_same_run_with_any_number_of_processes() -> None:
@@ -399,9 +477,12 @@ def test_gpu_locks_are_shared_by_every_users_runs(
     # a lock file another user made read-only for us still locks (flock needs no write)
     (locks / "gpu-1.lock").write_text("4242\n")
 
-    def refused(*args: object, **kwargs: object) -> int:
-        raise PermissionError("not ours")
+    def refused(path: str, flags: int, *args: object) -> int:  # writing, as for another user
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise PermissionError("not ours")
+        return real_open(path, flags, *args)
 
+    real_open = os.open
     monkeypatch.setattr(device.os, "open", refused)
     assert device.claim_gpus(1, ["0", "1"], locks) == [1]
     assert (locks / "gpu-1.lock").read_text() == "4242\n"  # could not write our pid
@@ -412,3 +493,32 @@ def test_gpu_locks_are_named_by_the_gpus_ids(tmp_path: Path) -> None:
     still lock the same file: its UUID's."""
     assert device.claim_gpus(1, ["3"], tmp_path, ids=["GPU-5a1e"]) == [0]
     assert [p.name for p in tmp_path.iterdir()] == ["gpu-GPU-5a1e.lock"]
+
+
+def test_a_link_in_the_shared_lock_folder_is_refused(tmp_path: Path) -> None:
+    """Anyone may write in the folder: a link there must not make us chmod, truncate or
+    write another file (someone else's ~/.bashrc, say)."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    victim.chmod(0o600)
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    (locks / "gpu-0.lock").symlink_to(victim)
+    os.link(victim, locks / "gpu-1.lock")
+    for gpu in ("0", "1"):
+        with pytest.raises(PipelineError, match=f"gpu-{gpu}.lock is not a plain lock file"):
+            device.claim_gpus(1, [gpu], locks)
+    assert victim.read_text() == "precious\n" and victim.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_lock_folder_we_may_not_write_to_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(path: str, flags: int, *args: object) -> int:  # no file yet, no right to add one
+        if flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied")
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(device.os, "open", refused)
+    with pytest.raises(PipelineError, match=r"cannot open the GPU lock .*gpu-0.lock \(No such"):
+        device.claim_gpus(1, ["0"], tmp_path)
