@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -522,3 +523,21 @@ def test_a_lock_folder_we_may_not_write_to_is_named(
     monkeypatch.setattr(device.os, "open", refused)
     with pytest.raises(PipelineError, match=r"cannot open the GPU lock .*gpu-0.lock \(No such"):
         device.claim_gpus(1, ["0"], tmp_path)
+
+
+def test_gpus_are_named_by_uuid_where_torch_reports_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA_VISIBLE_DEVICES=1,0 and =0,1 name the same two GPUs: their locks are by UUID."""
+    uuids = {0: "GPU-5a1e", 1: "GPU-77c3"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=uuids[1 - i])
+    )
+    assert device.visible_gpus() == ["1", "0"]
+    assert device.gpu_ids() == ["GPU-77c3", "GPU-5a1e"]
+
+    def no_uuid(i: int) -> object:  # an older torch, or a device without one
+        return SimpleNamespace()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_uuid)
+    assert device.gpu_ids() is None  # claim_gpus then names the locks as visible_gpus does
