@@ -115,10 +115,3 @@ class TrainingState:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"], self.generator)
         self.history = state["history"]
-
-    def resume(self, path: Path, run_id: str) -> bool:
-        """Continue from the checkpoint at `path` if there is one of this run."""
-        state = self.read(path, run_id)
-        if state is not None:
-            self.restore(state)
-        return state is not None

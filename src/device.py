@@ -6,7 +6,10 @@ predict command and the benchmark.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -108,25 +111,71 @@ def visible_gpus() -> list[str]:
     return listed[:count] if len(listed) >= count else [str(i) for i in range(count)]
 
 
-def claim_gpus(count: int, gpus: list[str], lock_dir: str | Path | None = None) -> list[int]:
+def gpu_ids() -> list[str] | None:
+    """The visible GPUs' UUIDs, which name a GPU however CUDA_VISIBLE_DEVICES and
+    CUDA_DEVICE_ORDER number it; None where torch does not report them."""
+    import torch
+
+    try:
+        return [str(torch.cuda.get_device_properties(i).uuid) for i in range(len(visible_gpus()))]
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _open_lock(path: Path) -> Any:
+    """The lock file at `path`, made writable by every user (several users' runs share
+    the GPUs); read-only if another user made it otherwise: flock works on either. In a
+    folder every user writes to, a link could point elsewhere (another user's files):
+    only a plain file that nothing else links to is opened, and only our own chmodded."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    mode = "r+"
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | nofollow, 0o666)
+        except PermissionError:
+            fd, mode = os.open(path, os.O_RDONLY | nofollow), "r"
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise PipelineError(f"{path} is not a plain lock file (a link?): remove it") from None
+        raise PipelineError(
+            f"cannot open the GPU lock {path} ({error.strerror}): its folder is shared by "
+            f"every user's runs of this project, so it must be a plain file in a folder "
+            f"everyone may write to (chmod 1777 {path.parent})"
+        ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise PipelineError(f"{path} is not a plain lock file (a link?): remove it")
+    if info.st_uid == os.getuid():
+        os.fchmod(fd, 0o666)  # past the umask
+    return os.fdopen(fd, mode)
+
+
+def claim_gpus(
+    count: int, gpus: list[str], lock_dir: str | Path | None = None, ids: list[str] | None = None
+) -> list[int]:
     """Positions in `gpus` of `count` GPUs that no other run of this project holds,
     now held by this process: one flock per GPU, which the operating system releases
     when its holder ends, however it ends. `dvc queue start -j N` starts N runs that
     would all pick the first GPU (DVC issue 4586). While too few are free, wait,
     saying so once: two runs sharing a GPU each run at about half speed (so nothing is
-    gained), may run it out of memory, and report misleading timings."""
+    gained), may run it out of memory, and report misleading timings. `ids` name the
+    lock files (gpu_ids(): UUIDs), else `gpus` do."""
     import fcntl
 
     if count > len(gpus):
         raise PipelineError(f"{count} GPUs wanted, but this machine shows {len(gpus)}")
     folder = Path(lock_dir or Path(tempfile.gettempdir()) / GPU_LOCKS)
     folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # shared by every user's runs, as /tmp is
+        folder.chmod(0o1777)
+    keys = ids or gpus
     waited_since = None
     while True:
         taken: list[tuple[int, Any]] = []
         holders = []
         for position, name in enumerate(gpus):
-            lock = open(folder / f"gpu-{name.replace('/', '_')}.lock", "a+")  # noqa: SIM115
+            lock = _open_lock(folder / f"gpu-{keys[position].replace('/', '_')}.lock")
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -138,7 +187,7 @@ def claim_gpus(count: int, gpus: list[str], lock_dir: str | Path | None = None) 
             if len(taken) == count:
                 break
         if len(taken) == count:
-            for _, lock in taken:
+            for _, lock in (t for t in taken if t[1].writable()):
                 lock.seek(0)
                 lock.truncate()
                 lock.write(f"{os.getpid()}\n")
@@ -167,7 +216,7 @@ def claim_device(device: Any) -> Any:
     if device.type != "cuda":
         return device
     gpus = visible_gpus()
-    index = claim_gpus(1, gpus)[0]
+    index = claim_gpus(1, gpus, ids=gpu_ids())[0]
     torch.cuda.set_device(index)
     print(f"using GPU {gpus[index]} ({torch.cuda.get_device_name(index)}), cuda:{index}")
     return torch.device("cuda", index)

@@ -19,12 +19,25 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from common import PipelineError
 
 # Set by our launcher for its workers: it holds the workspace's train lock and the GPUs.
 LAUNCHER_ENV = "TRAIN_LAUNCHER_PID"
+# The signals that stop a run; the launch API installs handlers for them.
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+# Exit codes of a worker that the launch API stopped with SIGTERM: a consequence.
+STOPPED = {130, -15}  # 130: our handler (process.run); -15: stopped before it was set
+# What a worker prints when a peer is gone: a consequence too.
+LOST_PEER = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "gloo/",
+    "DistBackendError",
+    "NCCL",
+)
 
 
 @dataclass(frozen=True)
@@ -65,9 +78,17 @@ def holds_workspace() -> bool:
     return LAUNCHER_ENV not in os.environ and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def resolve_processes(requested: int | str, cuda_devices: int) -> int:
-    """`train.processes`: auto is one process per visible CUDA device, else 1."""
-    return max(1, cuda_devices) if requested == "auto" else int(requested)
+def resolve_processes(requested: int | str, cuda_devices: int, batch_size: int) -> int:
+    """`train.processes`: auto is one process per visible CUDA device (else 1), or as
+    many as share `batch_size` evenly (512 on 6 GPUs: 4); a number must share it."""
+    if requested == "auto":
+        return max(n for n in range(1, max(1, cuda_devices) + 1) if batch_size % n == 0)
+    if batch_size % int(requested):
+        raise PipelineError(
+            f"params.yaml: train.processes = {requested} does not divide train.batch_size = "
+            f"{batch_size} (each process takes an equal share of every batch)"
+        )
+    return int(requested)
 
 
 def resolve_sync_batchnorm(requested: bool | str, world: World, device_type: str) -> bool:
@@ -90,8 +111,19 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
     """Run `script` as `processes` workers on this machine (elastic launch, as
     `torchrun --standalone --nproc-per-node N` does) and wait for them. `gpus`: the
     CUDA devices claimed for them, one each. If one fails, the launch API stops the
-    others; the failure is raised as one PipelineError (its own error is above)."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    others. The workers' stderr goes to files: on success the main process's is
+    printed; on a failure only the one that caused it (root_cause), then one
+    PipelineError. The others' tracebacks (lost their peer) would only mislead."""
+    import dataclasses
+    import shutil
+    import signal
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import (
+        DefaultLogsSpecs,
+        SignalException,
+        Std,
+    )
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -100,7 +132,9 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     # the agent logs each worker's failure at length; ours is the one line below
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logs = Path(tempfile.mkdtemp(prefix="train-launch-"))
     config = LaunchConfig(
+        logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects=Std.ERR),
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=processes,
@@ -110,21 +144,71 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
         max_restarts=0,  # a failure is reported, not retried: a resume is `dvc repro`
         monitor_interval=0.5,
     )
+    # the launch API handles these signals itself; not those that were ignored here
+    # (nohup's SIGHUP, a background job's SIGINT): they stay ignored, as in one process
+    if "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchConfig)}:
+        config.signals_to_handle = ",".join(handled_signals())
+    saved = {getattr(signal, n): signal.getsignal(getattr(signal, n)) for n in STOP_SIGNALS}
     try:
         elastic_launch(config, sys.executable)(script)
-    except ChildFailedError as failed:
-        rank, failure = failed.get_first_failure()
+        sys.stderr.write(stderr_of(logs, 0))  # warnings, say
+        shutil.rmtree(logs, ignore_errors=True)
+    except ChildFailedError as failed:  # the logs stay: the others' stderr may still help
+        rank = root_cause({r: f.exitcode for r, f in failed.failures.items()}, logs)
+        failure = failed.failures[rank]
+        sys.stderr.write(stderr_of(logs, rank))
         how = (
             f"was killed by signal {-failure.exitcode}"
             if failure.exitcode < 0
             else f"exited with code {failure.exitcode}"
         )
         raise PipelineError(
-            f"training process {rank} of {processes} {how} (its error, if it printed "
-            f"one, is above); the others were stopped and nothing was written"
+            f"training process {rank} of {processes} {how} (its error, if it printed one, "
+            f"is above; every process's stderr is in {logs}); the others were stopped, "
+            "and `dvc repro` resumes from the last checkpoint"
         ) from None
     except SignalException:  # the agent stopped the workers first
+        shutil.rmtree(logs, ignore_errors=True)
         raise KeyboardInterrupt from None
+    finally:  # the launch API leaves its handlers installed
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def stderr_of(logs: Path, local_rank: int) -> str:
+    """What the worker `local_rank` wrote to stderr (the launch API's log layout)."""
+    files = sorted(logs.glob(f"*/attempt_*/{local_rank}/stderr.log"))
+    return files[-1].read_text(errors="replace") if files else ""
+
+
+def root_cause(exit_codes: dict[int, int], logs: Path) -> int:
+    """The rank whose failure caused the others', by the evidence each left: first one
+    that stopped with its own error line (a PipelineError), then one with a traceback
+    that is not about a lost peer (an error on that rank alone, out of memory say), then
+    one killed by a signal (the out-of-memory killer's SIGKILL), then the lowest. Not
+    causes: those the launch API stopped (SIGTERM: 130 from our handler, or -15) and
+    tracebacks of a lost connection (Gloo) or an aborted communicator (NCCL). Two ranks
+    both killed by SIGKILL (one by the kernel, one hung in NCCL and killed by the launch
+    API) cannot be told apart: the lower is named."""
+
+    def evidence(rank: int) -> int:
+        text = stderr_of(logs, rank).strip()
+        if text and text.splitlines()[-1].startswith("error: "):
+            return 0
+        if exit_codes[rank] in STOPPED:
+            return 4
+        if "Traceback" in text and not any(s in text for s in LOST_PEER):
+            return 1
+        return 2 if exit_codes[rank] < 0 else 3
+
+    return min(exit_codes, key=lambda rank: (evidence(rank), rank))
+
+
+def handled_signals() -> list[str]:
+    """The stop signals that this process does not ignore."""
+    import signal
+
+    return [n for n in STOP_SIGNALS if signal.getsignal(getattr(signal, n)) is not signal.SIG_IGN]
 
 
 def start(world: World, device: Any) -> None:
@@ -140,6 +224,15 @@ def start(world: World, device: Any) -> None:
         # the CPU's cores shared among this machine's processes, as torchrun does
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
         dist.init_process_group("gloo")
+
+
+def all_done() -> None:
+    """Wait until every process got here: the main one writes the outputs while the
+    others are done, and NCCL's teardown may itself be collective."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def finish() -> None:

@@ -54,6 +54,7 @@ from device import (
     autocast_dtype_of,
     claim_device,
     claim_gpus,
+    gpu_ids,
     memory_format_of,
     pick_device,
     resolve_channels_last,
@@ -399,9 +400,10 @@ def fit(
         for step, idx in enumerate(epoch_batches(n, p.batch_size, state.generator)):
             offsets = shift_offsets(p.batch_size, p.max_shift, state.generator)
             offsets = offsets and (offsets[0][part], offsets[1][part])
-            x = shift(data.train_x[idx[part]], offsets, p.max_shift)
+            idx = idx[part]  # this rank's slice of the global batch
+            x = shift(data.train_x[idx], offsets, p.max_shift)
             x = normalise(x, data.mean, data.std).contiguous(memory_format=s.memory_format)
-            y = data.train_y[idx[part]]
+            y = data.train_y[idx]
             with s.autocast():
                 logits = forward(x)
                 loss = loss_fn(logits, y)
@@ -513,11 +515,11 @@ def main() -> None:
     if world is None:
         cuda = device.type == "cuda"
         gpu_count = torch.cuda.device_count() if cuda else 0
-        processes = distributed.resolve_processes(p.processes, gpu_count)
+        processes = distributed.resolve_processes(p.processes, gpu_count, p.batch_size)
         if processes > 1:
             gpus = visible_gpus() if cuda else None
             if gpus is not None:
-                gpus = [gpus[i] for i in claim_gpus(processes, gpus)]
+                gpus = [gpus[i] for i in claim_gpus(processes, gpus, ids=gpu_ids())]
             where = f"GPUs {', '.join(gpus)} (NCCL)" if gpus else "the CPU (Gloo)"
             print(f"starting {processes} training processes on {where}", flush=True)
             distributed.launch(processes, __file__, gpus)
@@ -532,7 +534,12 @@ def main() -> None:
     sync_batchnorm = distributed.resolve_sync_batchnorm(p.sync_batchnorm, world, device.type)
     distributed.start(world, device)
     try:
-        train(model_p, p, paths, settings, world, sync_batchnorm)
+        checkpoint = train(model_p, p, paths, settings, world, sync_batchnorm)
+        # the resume state goes only once every process is done: should one fail first,
+        # the stage fails and `dvc repro` resumes rather than training again from nothing
+        distributed.all_done()
+        if world.main:
+            checkpoint.unlink(missing_ok=True)
     finally:
         distributed.finish()
 
@@ -544,7 +551,9 @@ def train(
     settings: Settings,
     world: World,
     sync_batchnorm: bool,
-) -> None:
+) -> Path:
+    """Train and, on the main process, write the model and the report; the path of the
+    run's checkpoint, for main() to remove once every process is done."""
     if p.deterministic:  # exact repeats on GPU, at some speed cost (README, "Reproducibility")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -567,11 +576,13 @@ def train(
     net = resnet18(width=model_p.width)
     if sync_batchnorm:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    records = fit(net, data, p, settings, checkpoint, run_id, world)
+    records = out_of_memory_named(
+        fit(net, data, p, settings, checkpoint, run_id, world), p, settings
+    )
     if not world.main:
         for _ in records:  # the main process logs and writes
             pass
-        return
+        return checkpoint
     processes = (
         f"; {world.size} processes, BatchNorm "
         + ("synchronised" if sync_batchnorm else f"over each one's {bn_batch} images")
@@ -591,15 +602,9 @@ def train(
     history = []
     with atomic_path(paths.train_report) as report_dir:
         with Live(dir=str(report_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-            try:
-                for record in records:
-                    log_epoch(live, record, p.epochs)
-                    history.append(record)
-            except torch.OutOfMemoryError:
-                raise PipelineError(
-                    f"out of memory on {settings.device} with train.batch_size = {p.batch_size}"
-                    f" (train.eval_batch_size = {settings.eval_batch_size}): try smaller ones"
-                ) from None
+            for record in records:
+                log_epoch(live, record, p.epochs)
+                history.append(record)
             seconds = sum(r["epoch_time_s"] for r in history)
             images = p.epochs * (len(data.train_y) // p.batch_size) * p.batch_size
             live.log_metric("train_time_s", seconds, plot=False)
@@ -612,8 +617,21 @@ def train(
             },
             paths.model,
         )
-    checkpoint.unlink(missing_ok=True)
     print(f"wrote {paths.model} and {paths.train_report}")
+    return checkpoint
+
+
+def out_of_memory_named(
+    records: Iterator[dict], p: TrainParams, settings: Settings
+) -> Iterator[dict]:
+    """`records`, with running out of device memory (on any process) made one clear error."""
+    try:
+        yield from records
+    except torch.OutOfMemoryError:
+        raise PipelineError(
+            f"out of memory on {settings.device} with train.batch_size = {p.batch_size}"
+            f" (train.eval_batch_size = {settings.eval_batch_size}): try smaller ones"
+        ) from None
 
 
 if __name__ == "__main__":
