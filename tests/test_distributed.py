@@ -158,7 +158,11 @@ def workers_of(launcher: int) -> dict[int, int]:
     return workers
 
 
-def start_long_run(project: Path, epochs: int) -> subprocess.Popen:
+def start_long_run(
+    project: Path, epochs: int, preexec_fn: Callable[[], object] | None = None
+) -> subprocess.Popen:
+    """`python src/train.py` with two processes, returned once epoch 1's checkpoint is
+    written; `preexec_fn` runs in the launcher before it starts (as nohup does)."""
     write_params(project, {"train": TWO["train"] | {"epochs": epochs}})
     (project / "tmp").mkdir(exist_ok=True)  # the launcher's logs, left when it is killed
     run = subprocess.Popen(
@@ -168,6 +172,7 @@ def start_long_run(project: Path, epochs: int) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=os.environ | {"TMPDIR": str(project / "tmp")},
+        preexec_fn=preexec_fn,
     )
     checkpoints = project / "models/checkpoints"
     wait_until(lambda: any(checkpoints.glob("*.pt")), seconds=60)  # epoch 1 is done
@@ -236,17 +241,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
 def test_signals_ignored_by_the_launcher_stay_ignored(project: Path) -> None:
     """`nohup dvc repro &` with several processes: a hang-up stops none of them."""
     write_processed(project)
-    write_params(project, {"train": TWO["train"] | {"epochs": 4}})
-    run = subprocess.Popen(
-        [sys.executable, "src/train.py"],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as nohup does
+    run = start_long_run(
+        project, epochs=4, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)
     )
-    checkpoints = project / "models/checkpoints"
-    wait_until(lambda: any(checkpoints.glob("*.pt")), seconds=60)
     assert run.poll() is None, "finished before the hang-up: the test proves nothing"
     run.send_signal(signal.SIGHUP)
     _, stderr = run.communicate(timeout=120)
