@@ -49,10 +49,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import evaluate
 import train
-from common import RAW_FILES, PipelineError, load_params, load_paths
-from device import EVAL_BATCH_AUTO, pick_device
-from model import normalise, resnet18
-from process import run
+from pipeline.errors import PipelineError
+from pipeline.loop import Data, Run, fit, new_state, train_step
+from pipeline.mnist import RAW_FILES
+from pipeline.model import normalise, resnet18
+from pipeline.params import load_params, load_paths
+from pipeline.process import run
+from pipeline.settings import (
+    EVAL_BATCH_AUTO,
+    Settings,
+    inference_settings,
+    pick_device,
+    training_settings,
+)
 
 # Dense peak TFLOP/s by GPU name and autocast precision (vendor data sheets, SXM parts).
 # "fp32" is TF32: cuDNN runs fp32 convolutions on TF32 tensor cores by default.
@@ -91,11 +100,9 @@ def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.devic
     return time.perf_counter() - start
 
 
-def fit_epochs(
-    data: train.Data, p: train.TrainParams, width: int, steps: int, scratch: str
-) -> Iterator[dict[str, float]]:
+def fit_epochs(data: Data, p: train.TrainParams, width: int, steps: int) -> Iterator[dict]:
     """The train stage's `fit` on the first `steps` batches of the data: one epoch per
-    `next()`, each of `steps` steps (and a 256-image validation)."""
+    `next()`, each of `steps` steps (and a 256-image validation); no checkpoints."""
     n = steps * p.batch_size
     subset = dataclasses.replace(
         data,
@@ -104,21 +111,18 @@ def fit_epochs(
         val_x=data.val_x[:256],
         val_y=data.val_y[:256],
     )
-    settings = train.resolve_settings(p, data.train_x.device)
+    settings = training_settings(p, data.train_x.device)
     torch.manual_seed(p.seed)
-    net = resnet18(width=width)
-    return train.fit(net, subset, p, settings, Path(scratch) / "ckpt.pt", "bench")
+    return fit(resnet18(width=width), subset, Run(p, settings))
 
 
-def bench_ours(data: train.Data, p: train.TrainParams, width: int, steps: int) -> float:
+def bench_ours(data: Data, p: train.TrainParams, width: int, steps: int) -> float:
     """Images/s of the train stage's loop: a 2-epoch `fit` of `steps` steps each; the
     first epoch warms up (compilation, cuDNN autotuning), the second is timed."""
-    with tempfile.TemporaryDirectory() as scratch:
-        records = list(fit_epochs(data, p, width, steps, scratch))
-    return records[-1]["images_per_s"]
+    return list(fit_epochs(data, p, width, steps))[-1]["images_per_s"]
 
 
-def profile_ours(data: train.Data, p: train.TrainParams, width: int, steps: int) -> str:
+def profile_ours(data: Data, p: train.TrainParams, width: int, steps: int) -> str:
     """Where the time of ours goes: torch.profiler over one epoch after a warm-up
     epoch; the ops that take the most device (or, on a CPU, CPU) time, and how busy
     the GPU was over the epoch's wall time (far under 100% means the host is the limit)."""
@@ -126,15 +130,14 @@ def profile_ours(data: train.Data, p: train.TrainParams, width: int, steps: int)
 
     cuda = data.train_x.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with tempfile.TemporaryDirectory() as scratch:
-        epochs = fit_epochs(data, p, width, steps, scratch)
-        next(epochs)  # warm-up: compilation, autotuning
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            record = next(epochs)
-            sync(data.train_x.device)
-            wall = time.perf_counter() - start
-        epochs.close()
+    epochs = fit_epochs(data, p, width, steps)
+    next(epochs)  # warm-up: compilation, autotuning
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        record = next(epochs)
+        sync(data.train_x.device)
+        wall = time.perf_counter() - start
+    epochs.close()
     averages = prof.key_averages()
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     lines = [averages.table(sort_by=sort_by, row_limit=15, max_name_column_width=70)]
@@ -157,26 +160,19 @@ def profile_ours(data: train.Data, p: train.TrainParams, width: int, steps: int)
     return "\n".join(lines)
 
 
-def bench_ceiling(
-    data: train.Data, p: train.TrainParams, width: int, warmup: int, steps: int
-) -> float:
-    """Images/s of forward+backward+step on one fixed batch, settings as ours."""
-    s = train.resolve_settings(p, data.train_x.device)
-    net = resnet18(width=width).to(s.device, memory_format=s.memory_format).train()
+def bench_ceiling(data: Data, p: train.TrainParams, width: int, warmup: int, steps: int) -> float:
+    """Images/s of the train stage's own step (`loop.train_step`) on one fixed batch
+    already on the device, settings as ours: the model's cost without the data path."""
+    s = training_settings(p, data.train_x.device)
+    net = resnet18(width=width)
+    state = new_state(net, Run(p, s), steps=warmup + steps)
+    net.train()
     forward = s.compiled(net)
-    optimizer = train.make_optimizer(net, p, s.fused_optimizer)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     x = normalise(data.train_x[: p.batch_size], data.mean, data.std)
     x = x.contiguous(memory_format=s.memory_format)
     y = data.train_y[: p.batch_size]
-
-    def step() -> None:
-        with s.autocast():
-            loss = loss_fn(forward(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = lambda: train_step(forward, x, y, state, loss_fn, s)  # noqa: E731
     return steps * p.batch_size / timed(step, warmup, steps, s.device)
 
 
@@ -224,7 +220,7 @@ def bench_seed_style(
         return steps * batch_size / timed(step, warmup, steps, device)
 
 
-def bench_evaluate(data: train.Data, width: int, images: int, s: evaluate.Settings) -> float:
+def bench_evaluate(data: Data, width: int, images: int, s: Settings) -> float:
     """Images/s of the evaluate stage's inference (`evaluate.inference_logits`) run as `s`
     says, on the first `images` validation images."""
     net = resnet18(width=width)
@@ -268,7 +264,7 @@ def flipped_switch(option: str, value: bool) -> tuple[str, dict]:
     return f"{option} {not value}", {option: not value}
 
 
-def flipped(p: train.TrainParams, s: train.Settings, option: str) -> tuple[str, train.TrainParams]:
+def flipped(p: train.TrainParams, s: Settings, option: str) -> tuple[str, train.TrainParams]:
     """`p` with `option` set opposite to what auto chose, and a label for it."""
     if option not in OPTIONS:
         raise PipelineError(f"--ablate: unknown option '{option}' (one of {', '.join(OPTIONS)})")
@@ -353,157 +349,189 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
-    paths = load_paths()
-    device = pick_device(args.device)
-    if args.scaling:
-        gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max(gpus, 2)]
-        if device.type == "cuda" and gpus < 2:
-            print("one GPU: nothing to scale over; measuring 1 process only")
-            counts = [1]
-        where = f"{gpus} GPUs (NCCL)" if device.type == "cuda" else "the CPU (Gloo)"
-        name = hardware(device)
-        print(f"{name}; torch {torch.__version__}; width {args.width}; on {where}")
-        print(f"{'processes':>9}{'images/s':>12}{'vs 1':>10}")
-        scaling = bench_scaling(counts, args.width, device.type, Path(paths.processed))
-        print(json.dumps({"scaling": {"hardware": name, "images_per_s": scaling}}))
-        return
-    torch.backends.cudnn.benchmark = True  # as the train stage does (not deterministic)
-    p = load_params(train.TrainParams)
-    batch = args.batch_size or (64 if device.type == "cpu" else p.batch_size)
-    p = dataclasses.replace(
-        p, batch_size=batch, epochs=2, warmup_epochs=1, checkpoint_every=0, device=device.type
-    )
-    data = train.load_data(Path(paths.processed), device)
-    if len(data.train_y) < args.steps * batch:
-        raise PipelineError(
-            f"{args.steps} steps of {batch} images need {args.steps * batch} "
-            f"training images; {paths.processed} has {len(data.train_y)}"
-        )
-    settings = train.resolve_settings(p, device)
-    default_ablate = ",".join(OPTIONS) if device.type == "cuda" else "channels_last"
-    ablate = [
-        o.strip()
-        for o in (args.ablate if args.ablate is not None else default_ablate).split(",")
-        if o.strip()
-    ]
-    variants = [flipped(p, settings, option) for option in ablate]
-    eval_settings = evaluate.resolve_settings(load_params(evaluate.EvaluateParams), device)
-    eval_batch = eval_settings.batch_size
-    # the evaluation batch flipped: the other of the two that `auto` picks from
+def scaling(args: argparse.Namespace, device: torch.device, processed: Path) -> None:
+    """--scaling: the train stage's images/s with 1, 2, 4, ... processes, table and JSON."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max(gpus, 2)]
+    if device.type == "cuda" and gpus < 2:
+        print("one GPU: nothing to scale over; measuring 1 process only")
+        counts = [1]
+    where = f"{gpus} GPUs (NCCL)" if device.type == "cuda" else "the CPU (Gloo)"
+    name = hardware(device)
+    print(f"{name}; torch {torch.__version__}; width {args.width}; on {where}")
+    print(f"{'processes':>9}{'images/s':>12}{'vs 1':>10}")
+    results = bench_scaling(counts, args.width, device.type, processed)
+    print(json.dumps({"scaling": {"hardware": name, "images_per_s": results}}))
+
+
+def evaluate_variants(ablate: list[str], device: torch.device) -> dict[str, Settings]:
+    """The evaluate stage's settings (params.yaml's `evaluate`, as resolved here), then
+    with each of precision and channels_last flipped (if in `ablate`) and at the
+    other of the two batch sizes that `auto` picks from."""
+    p = load_params(evaluate.EvaluateParams)
+    base = inference_settings(device, p.precision, p.channels_last, p.batch_size)
     small, large = EVAL_BATCH_AUTO["cpu"], EVAL_BATCH_AUTO["cuda"]
-    other_batch = small if eval_batch != small else large
-    eval_variants = {"evaluate": eval_settings} | {
-        f"evaluate, {label}": dataclasses.replace(eval_settings, **change)
-        for option, label, change in (
-            ("precision", *flipped_precision(eval_settings.precision)),
-            ("channels_last", *flipped_switch("channels_last", eval_settings.channels_last)),
-            # last: a larger batch raises a CPU's peak-memory column for every row after it
-            ("batch", f"batch {other_batch}", {"batch_size": other_batch}),
-        )
+    other_batch = small if base.eval_batch_size != small else large
+    flips = (
+        ("precision", *flipped_precision(base.precision)),
+        ("channels_last", *flipped_switch("channels_last", base.channels_last)),
+        # last: a larger batch raises a CPU's peak-memory column for every row after it
+        ("batch", f"batch {other_batch}", {"eval_batch_size": other_batch}),
+    )
+    return {"evaluate": base} | {
+        f"evaluate, {label}": dataclasses.replace(base, **change)
+        for option, label, change in flips
         if option == "batch" or option in ablate
     }
-    eval_images = min(len(data.val_y), max(2 * args.steps * batch, 2 * large))
+
+
+def measurements(
+    args: argparse.Namespace, data: Data, p: train.TrainParams, evaluations: dict[str, Settings]
+) -> dict[str, Callable[[], float]]:
+    """Every measurement of the run, in the order they are taken."""
+    device = data.train_x.device
+    paths, width, steps = load_paths(), args.width, args.steps
+    ablate = [o.strip() for o in args.ablate.split(",") if o.strip()]
+    large = EVAL_BATCH_AUTO["cuda"]
+    eval_images = min(len(data.val_y), max(2 * steps * p.batch_size, 2 * large))
     if eval_images >= large:
         eval_images -= eval_images % large  # whole batches at either size
-
-    measurements = {
-        "ours": lambda: bench_ours(data, p, args.width, args.steps),
-        "seed-style": lambda: bench_seed_style(
-            Path(paths.raw),
-            device,
-            args.width,
-            batch,
-            args.seed_workers,
-            args.warmup,
-            args.steps,
-        ),
-        "ceiling": lambda: bench_ceiling(data, p, args.width, args.warmup, args.steps),
+    seed_style = (Path(paths.raw), device, width, p.batch_size, args.seed_workers)
+    rows = {
+        "ours": lambda: bench_ours(data, p, width, steps),
+        "seed-style": lambda: bench_seed_style(*seed_style, args.warmup, steps),
+        "ceiling": lambda: bench_ceiling(data, p, width, args.warmup, steps),
     }
     evaluate_rows = {
-        label: (lambda v=variant: bench_evaluate(data, args.width, eval_images, v))
-        for label, variant in eval_variants.items()
+        label: (lambda s=s: bench_evaluate(data, width, eval_images, s))
+        for label, s in evaluations.items()
     }
+    settings = training_settings(p, device)
     ablation_rows = {
-        f"ours, {label}": (lambda v=variant: bench_ours(data, v, args.width, args.steps))
-        for label, variant in variants
+        f"ours, {label}": (lambda v=variant: bench_ours(data, v, width, steps))
+        for label, variant in (flipped(p, settings, option) for option in ablate)
     }
     if device.type == "cuda":
         # ablations last: each compiles anew, so a run cut short by a time limit (a GPU
         # session) loses only some of them
-        measurements |= evaluate_rows | ablation_rows
-    else:
-        # evaluate last: a CPU's memory column is the process's peak so far, which a
-        # large evaluation batch would raise for every row after it
-        measurements |= ablation_rows | evaluate_rows
-    name = hardware(device)
+        return rows | evaluate_rows | ablation_rows
+    # evaluate last: a CPU's memory column is the process's peak so far, which a large
+    # evaluation batch would raise for every row after it
+    return rows | ablation_rows | evaluate_rows
+
+
+def measure(rows: dict[str, Callable[[], float]], repeats: int, device: torch.device) -> tuple:
+    """Run each measurement `repeats` times and print its row as soon as it is known:
+    ({row: best images/s}, {row: peak memory MiB}, {row: worst/best})."""
     memory_label = "peak MiB" if device.type == "cuda" else "RSS MiB"
-    print(
-        f"{name}; torch {torch.__version__}; width {args.width}, batch {batch}, "
-        f"{args.steps} timed steps; {settings.describe()}; "
-        f"evaluate stage: {eval_settings.describe()}"
-    )
     # vs auto: a training row against ours, an evaluate row against the evaluate stage as is
     print(f"{'measurement':<34}{'images/s':>12}{'vs auto':>10}{memory_label:>10}{'min/max':>10}")
     results, memory, spread = {}, {}, {}
-    for key, measure in measurements.items():
+    for key, run_once in rows.items():
         # a fresh compile per measurement: one process compiling many models would
         # otherwise hit dynamo's recompile limit and silently fall back to eager
         torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         # the best of --repeats: the first measurement in a process ran up to 7% slow
-        # on the 2-core CPU whatever it measured (README, "Speed")
-        values = [measure() for _ in range(args.repeats)]
+        # on the 2-core CPU whatever it measured (docs/speed.md)
+        values = [run_once() for _ in range(repeats)]
         results[key], spread[key] = max(values), min(values) / max(values)
         memory[key] = peak_memory_mib(device)
-        # each row as soon as it is measured: a run cut short still shows what it got
         ratio = results[key] / results["evaluate" if key.startswith("evaluate") else "ours"]
         print(
             f"{key:<34}{results[key]:>12.1f}{ratio:>10.3f}{memory[key]:>10.0f}{spread[key]:>10.3f}",
             flush=True,
         )
+    return results, memory, spread
 
+
+def summary(args: argparse.Namespace, s: Settings, evaluation: Settings, figures: tuple) -> dict:
+    """The JSON summary of the run, with the ratios and FLOP rates."""
+    results, memory, spread = figures
+    name = hardware(s.device)
     flops = training_flops_per_image(args.width)
-    peak = next((v[settings.precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = next((v[s.precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
     tflops = results["ours"] * flops / 1e12
-    summary = {
+    return {
         "hardware": name,
-        "device": device.type,
+        "device": s.device.type,
         "torch": torch.__version__,
         "width": args.width,
-        "batch_size": batch,
+        "batch_size": args.batch_size,
         "steps": args.steps,
-        "settings": settings.describe(),
-        "evaluate_settings": eval_settings.describe(),
+        "settings": s.describe(),
+        "evaluate_settings": evaluation.describe_inference(),
         "seed_workers": args.seed_workers,
         "images_per_s": {k: round(v, 2) for k, v in results.items()},
         "ours_over_seed_style": round(results["ours"] / results["seed-style"], 3),
         "ours_over_ceiling": round(results["ours"] / results["ceiling"], 3),
         "train_gflop_per_image": round(flops / 1e9, 3),
         "ours_tflops": round(tflops, 4),
+        "peak_tflops": peak,
         "fraction_of_peak": round(tflops / peak, 4) if peak else None,
         "peak_memory_mib": {k: round(v, 1) for k, v in memory.items()},
         "repeats": args.repeats,
         "min_over_max": {k: round(v, 3) for k, v in spread.items()},
     }
+
+
+def report(figures: dict, spread: dict) -> None:
+    """The closing lines: the ratios, a warning if the figures look noisy, the JSON."""
+    tflops, peak = figures["ours_tflops"], figures["peak_tflops"]
     print(
-        f"ours/seed-style {summary['ours_over_seed_style']:.3f}, ours/ceiling "
-        f"{summary['ours_over_ceiling']:.3f}; {flops / 1e9:.3f} GFLOP per training image, "
-        f"{tflops:.4f} TFLOP/s" + (f" = {tflops / peak:.1%} of {peak:.0f} peak" if peak else "")
+        f"ours/seed-style {figures['ours_over_seed_style']:.3f}, ours/ceiling "
+        f"{figures['ours_over_ceiling']:.3f}; {figures['train_gflop_per_image']:.3f} GFLOP "
+        f"per training image, {tflops:.4f} TFLOP/s"
+        + (f" = {tflops / peak:.1%} of {peak:.0f} peak" if peak else "")
     )
     if (
-        args.steps < 10
+        figures["steps"] < 10
         or min(spread.values()) < 0.95
-        or not 0.5 < summary["ours_over_ceiling"] < 1.5
+        or not 0.5 < figures["ours_over_ceiling"] < 1.5
     ):
         print(
             "note: few timed steps, repeats more than 5% apart or an implausible ratio: the "
             "figures are noisy; use --steps 10 or more on an otherwise idle machine"
         )
-    print(json.dumps({"bench": summary}), flush=True)
+    print(json.dumps({"bench": figures}), flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    paths = load_paths()
+    device = pick_device(args.device)
+    if args.scaling:
+        scaling(args, device, Path(paths.processed))
+        return
+    torch.backends.cudnn.benchmark = True  # as the train stage does (not deterministic)
+    p = load_params(train.TrainParams)
+    args.batch_size = args.batch_size or (64 if device.type == "cpu" else p.batch_size)
+    p = dataclasses.replace(
+        p,
+        batch_size=args.batch_size,
+        epochs=2,
+        warmup_epochs=1,
+        checkpoint_every=0,
+        device=device.type,
+    )
+    data = train.load_data(Path(paths.processed), device)
+    if len(data.train_y) < args.steps * p.batch_size:
+        raise PipelineError(
+            f"{args.steps} steps of {p.batch_size} images need {args.steps * p.batch_size} "
+            f"training images; {paths.processed} has {len(data.train_y)}"
+        )
+    settings = training_settings(p, device)
+    if args.ablate is None:  # every option on CUDA; elsewhere channels_last alone
+        args.ablate = ",".join(OPTIONS) if device.type == "cuda" else "channels_last"
+    evaluations = evaluate_variants(args.ablate.split(","), device)
+    print(
+        f"{hardware(device)}; torch {torch.__version__}; width {args.width}, batch "
+        f"{p.batch_size}, {args.steps} timed steps; {settings.describe()}; "
+        f"evaluate stage: {evaluations['evaluate'].describe_inference()}"
+    )
+    figures = measure(measurements(args, data, p, evaluations), args.repeats, device)
+    report(summary(args, settings, evaluations["evaluate"], figures), figures[2])
     if args.profile:  # after the JSON line: a run cut short during profiling keeps it
         torch._dynamo.reset()
         print(profile_ours(data, p, args.width, args.steps))

@@ -17,21 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common import (
-    NUM_CLASSES,
-    PARAMS_FILE,
-    Paths,
-    PipelineError,
-    atomic_path,
-    parse_section,
-    read_params_file,
-    require,
-)
 from download import DataParams
 from evaluate import EvaluateParams
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_path
+from pipeline.mnist import NUM_CLASSES, TEST_IMAGES, TRAIN_IMAGES
+from pipeline.params import PARAMS_FILE, Paths, parse_section, read_params_file, require
+from pipeline.process import run
+from pipeline.settings import missing_device
 from plot import PlotParams
 from preprocess import PreprocessParams
-from process import run
 from train import ModelParams, TrainParams
 
 SECTIONS = (
@@ -43,15 +38,13 @@ SECTIONS = (
     EvaluateParams,
     PlotParams,
 )
-# MNIST's sizes: the download stage verifies the files by checksum
-MNIST_TRAIN_IMAGES, MNIST_TEST_IMAGES = 60_000, 10_000
 CHECKED = "params.yaml: every section is valid\n"
 
 
 def check_document(document: Any) -> dict[str, Any]:
     """Every section parsed into its dataclass, or a PipelineError naming the first
     problem: an unknown section or key, a missing key, a bad value, sizes that cannot
-    fit MNIST."""
+    fit MNIST, a device this machine does not have."""
     if not isinstance(document, dict):
         raise PipelineError(f"{PARAMS_FILE}: not a mapping of sections")
     known = [cls.SECTION for cls in SECTIONS]
@@ -62,12 +55,12 @@ def check_document(document: Any) -> dict[str, Any]:
             )
     parsed = {cls.SECTION: parse_section(cls, document.get(cls.SECTION)) for cls in SECTIONS}
     pre, train = parsed["preprocess"], parsed["train"]
-    available = MNIST_TRAIN_IMAGES - pre.val_size
+    available = TRAIN_IMAGES - pre.val_size
     require(
-        pre.val_size < MNIST_TRAIN_IMAGES - NUM_CLASSES,
+        pre.val_size < TRAIN_IMAGES - NUM_CLASSES,
         "preprocess.val_size",
         pre.val_size,
-        f"fewer than MNIST's {MNIST_TRAIN_IMAGES} training images minus {NUM_CLASSES}",
+        f"fewer than MNIST's {TRAIN_IMAGES} training images minus {NUM_CLASSES}",
     )
     require(
         pre.train_limit <= available,
@@ -76,10 +69,10 @@ def check_document(document: Any) -> dict[str, Any]:
         f"0 or at most the {available} training images left after preprocess.val_size",
     )
     require(
-        pre.test_limit <= MNIST_TEST_IMAGES,
+        pre.test_limit <= TEST_IMAGES,
         "preprocess.test_limit",
         pre.test_limit,
-        f"0 or at most MNIST's {MNIST_TEST_IMAGES} test images",
+        f"0 or at most MNIST's {TEST_IMAGES} test images",
     )
     images = pre.train_limit or available
     require(
@@ -88,6 +81,11 @@ def check_document(document: Any) -> dict[str, Any]:
         train.batch_size,
         f"at most the {images} training images",
     )
+    for key in ("train.device", "evaluate.device"):
+        section, name = key.split(".")
+        requested = getattr(parsed[section], name)
+        why = missing_device(requested)
+        require(why is None, key, requested, f"{why}; use auto or cpu")
     return parsed
 
 

@@ -29,8 +29,10 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from common import PipelineError, atomic_path, check, load_params, load_paths
-from process import run
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_path
+from pipeline.params import check, load_params, load_paths
+from pipeline.process import run
 
 # SHA-256 of the decompressed files of the original MNIST database.
 SHA256 = {

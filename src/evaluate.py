@@ -25,20 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common import NUM_CLASSES, Auto, atomic_path, check, load_params, load_paths, load_torch
-from device import (
-    Device,
-    Precision,
-    autocast_dtype_of,
-    claim_device,
-    memory_format_of,
-    pick_device,
-    resolve_channels_last,
-    resolve_eval_batch,
-    resolve_precision,
-)
-from model import predict_logits, resnet18
-from process import run
+from pipeline.files import atomic_path, load_torch
+from pipeline.gpus import claim_device
+from pipeline.mnist import NUM_CLASSES
+from pipeline.model import load_model, predict_logits
+from pipeline.params import Auto, check, load_params, load_paths
+from pipeline.process import run
+from pipeline.settings import Device, Precision, Settings, inference_settings, pick_device
 
 
 @dataclass(frozen=True)
@@ -58,45 +51,18 @@ class EvaluateParams:
         )
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What `auto` resolved to on this device (the same rules as the train stage's)."""
-
-    device: torch.device
-    precision: str  # fp32, bf16 or fp16 (autocast)
-    channels_last: bool
-    batch_size: int
-
-    def describe(self) -> str:
-        return (
-            f"device {self.device}, precision {self.precision}, "
-            f"channels_last {self.channels_last}, batch_size {self.batch_size}"
-        )
-
-
-def resolve_settings(p: EvaluateParams, device: torch.device) -> Settings:
-    """Resolve the `auto` options for `device`."""
-    return Settings(
-        device,
-        resolve_precision(p.precision, device),
-        resolve_channels_last(p.channels_last, device),
-        resolve_eval_batch(p.batch_size, device),
-    )
-
-
 def inference_logits(net: torch.nn.Module, images: Tensor, stats: dict, s: Settings) -> Tensor:
     """Logits (float32, on the CPU) of `net` for the uint8 test `images`, run as `s`
     says. Puts `net` on `s.device` in `s`'s memory layout, in place."""
-    layout = memory_format_of(s.channels_last)
-    net = net.to(s.device, memory_format=layout)
+    net = net.to(s.device, memory_format=s.memory_format)
     logits = predict_logits(
         net,
         images.to(s.device),
         stats["mean"],
         stats["std"],
-        s.batch_size,
-        autocast_dtype_of(s.precision),
-        layout,
+        s.eval_batch_size,
+        s.autocast_dtype,
+        s.memory_format,
     )
     return logits.cpu()
 
@@ -153,20 +119,13 @@ def evaluate(logits: Tensor, labels: Tensor) -> dict[str, pd.DataFrame | dict]:
     }
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The trained network (eval mode, on `device`) and what was saved with it."""
-    saved = load_torch(path)
-    net = resnet18(width=saved["params"]["model"]["width"])
-    net.load_state_dict(saved["state_dict"])
-    return net.to(device).eval(), saved
-
-
 def main() -> None:
-    params = load_params(EvaluateParams)
+    p = load_params(EvaluateParams)
     paths = load_paths()
     # one GPU that no other run of this project holds (dvc queue start -j N)
-    settings = resolve_settings(params, claim_device(pick_device(params.device)))
-    print(f"evaluating: {settings.describe()}")
+    device = claim_device(pick_device(p.device))
+    settings = inference_settings(device, p.precision, p.channels_last, p.batch_size)
+    print(f"evaluating: {settings.describe_inference()}")
     net, saved = load_model(paths.model, settings.device)
     test = load_torch(Path(paths.processed) / "test.pt")
     logits = inference_logits(net, test["images"], saved["stats"], settings)

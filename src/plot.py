@@ -22,23 +22,21 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from common import (
-    NUM_CLASSES,
-    PipelineError,
-    atomic_path,
-    check,
-    load_params,
-    load_paths,
-    load_torch,
-)
-from process import run
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_path, load_torch
+from pipeline.mnist import NUM_CLASSES
+from pipeline.model import load_model
+from pipeline.params import check, load_params, load_paths
+from pipeline.process import run
 
 # The per-class axis is the same for every run, so that runs compare at a glance;
 # a class below its floor is drawn as a marker on the floor with its value.
 PER_CLASS_RANGE = (90.0, 100.0)  # accuracy, %
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -109,7 +107,7 @@ def run_label(model: Path, stats: Path, metrics: Path) -> str:
     """One line saying which run the figures show: the settings the model was trained
     with (the train stage keeps them in the model file; this stage reads only its own
     params section), the number of training images and the test result."""
-    params, test = field(model, load_torch(model), "params"), read_json(metrics)
+    params, test = load_model(model, CPU)[1]["params"], read_json(metrics)
     width, epochs, lr, batch = (
         field(model, params, key)
         for key in ("model.width", "train.epochs", "train.lr", "train.batch_size")

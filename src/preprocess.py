@@ -23,16 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common import (
-    NUM_CLASSES,
-    RAW_FILES,
-    PipelineError,
-    atomic_path,
-    check,
-    load_params,
-    load_paths,
-)
-from process import run
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_path
+from pipeline.mnist import NUM_CLASSES, RAW_FILES
+from pipeline.params import check, load_params, load_paths
+from pipeline.process import run
 
 IMAGE_SIZE = 32  # the model's input: 28x28 digits upsampled so 4 stride-2 stages end at 4x4
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions

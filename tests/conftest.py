@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
-import process
+from pipeline import process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,24 @@ TINY = {
     "evaluate": {"device": "cpu"},
     "plot": {"max_misclassified": 8, "dpi": 50},
 }
+
+
+def tiny_train_params(**changes: object) -> Any:
+    """The committed `train` section, made tiny: 3 epochs of batch 32 on the CPU in fp32
+    (results independent of the CPU: `auto` picks bf16 where there is AMX)."""
+    import train
+    from pipeline.params import parse_section
+
+    defaults = yaml.safe_load(committed_params_text())["train"]
+    tiny = {
+        "epochs": 3,
+        "batch_size": 32,
+        "device": "cpu",
+        "lr": 0.05,
+        "warmup_epochs": 0.5,
+        "precision": "fp32",
+    }
+    return parse_section(train.TrainParams, defaults | tiny | changes)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

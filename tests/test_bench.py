@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cmd, write_params
 
 import bench
-from device import cpu_has_amx
+from pipeline.settings import cpu_has_amx
 
 
 def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None:

@@ -10,7 +10,7 @@ import yaml
 from conftest import committed_params_text, run_cmd
 
 from check_params import CHECKED, check_document
-from common import PipelineError
+from pipeline.errors import PipelineError
 
 DEFAULTS = yaml.safe_load(committed_params_text())
 

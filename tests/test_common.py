@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import TINY, write_params
 
-import process
 import train
-from common import PipelineError, atomic_path, load_torch, save_torch
+from pipeline import process
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_path, load_torch, save_torch
 
 
 class Payload:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import device
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,15 +34,16 @@ from conftest import (
     write_params,
     write_processed,
 )
+from model import resnet18
 from torch import nn
 
-import device
-import distributed
-import process
 import train
-from common import PipelineError, load_params, load_torch, seed_everything
-from distributed import STOP_SIGNALS
-from model import resnet18
+from pipeline import distributed, process
+from pipeline.distributed import STOP_SIGNALS
+from pipeline.errors import PipelineError
+from pipeline.files import load_torch
+from pipeline.loop import seed_everything
+from pipeline.params import load_params
 
 TWO = {"train": TINY["train"] | {"processes": 2, "precision": "fp32"}}
 

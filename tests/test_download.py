@@ -12,7 +12,7 @@ import pytest
 from conftest import committed_params_text
 
 import download
-from common import PipelineError
+from pipeline.errors import PipelineError
 
 
 def closed_port() -> int:

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 from conftest import committed_params_text, write_params
+from model import resnet18
 
 import evaluate
-from common import load_paths, parse_section, save_torch
-from device import cpu_has_amx
-from model import resnet18
+from pipeline.files import save_torch
+from pipeline.params import load_paths, parse_section
+from pipeline.settings import cpu_has_amx
 
 
 def test_per_class_table_from_known_predictions() -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from torch import nn
-
 from model import normalise, predict_logits, resnet18
+from torch import nn
 
 
 def test_parameter_count_at_width_64() -> None:

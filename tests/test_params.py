@@ -3,7 +3,6 @@ clear line; dvc.yaml declares exactly the keys each stage reads."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import re
 import sys
@@ -13,10 +12,12 @@ import pytest
 import yaml
 from conftest import ROOT, committed_params_text, run_cmd, write_params
 
-import common
-from common import Paths, PipelineError, load_params, parse_section
 from download import DataParams
 from evaluate import EvaluateParams
+from pipeline import params as common
+from pipeline.errors import PipelineError
+from pipeline.identity import stage_code
+from pipeline.params import Paths, load_params, parse_section
 from plot import PlotParams
 from preprocess import PreprocessParams
 from train import ModelParams, TrainParams
@@ -74,23 +75,6 @@ def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads() -> None:
         assert f"src/{stage}.py" in stages[stage]["deps"]
 
 
-def local_imports(script: Path) -> set[str]:
-    """The modules of src/ that `script` imports, directly or through each other."""
-    seen, todo = set(), [script]
-    while todo:
-        tree = ast.parse(todo.pop().read_text())
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names = [node.module]
-            for name in names:
-                module = ROOT / "src" / f"{name.split('.')[0]}.py"
-                if module.exists() and module.name not in seen:
-                    seen.add(module.name)
-                    todo.append(module)
-    return {f"src/{name}" for name in seen}
-
-
 def test_each_stage_depends_on_exactly_the_code_it_runs() -> None:
     """So that a change to code a stage does not run never reruns it (a benchmark or a
     test helper, say), and a change to code it runs always does."""
@@ -98,7 +82,19 @@ def test_each_stage_depends_on_exactly_the_code_it_runs() -> None:
     for name, stage in stages.items():
         script = stage["cmd"].split()[-1]
         code = {dep for dep in stage["deps"] if dep.startswith("src/")}
-        assert code == {script} | local_imports(ROOT / script), name
+        imported = {str(path.relative_to(ROOT)) for path in stage_code(ROOT / script)}
+        assert code == imported, name
+
+
+def test_the_code_a_script_runs_is_found_through_every_kind_of_import(tmp_path: Path) -> None:
+    """stage_code (the run identity and this file's dvc.yaml check) follows `import a`,
+    `from a import b`, `from package import module` and `from package.module import
+    name`, through the modules found, and nothing outside src/."""
+    script = ROOT / "src/train.py"
+    found = {path.name for path in stage_code(script)}
+    assert {"train.py", "__init__.py", "loop.py", "model.py", "files.py", "errors.py"} <= found
+    assert "evaluate.py" not in found and "bench.py" not in found  # not imported by train
+    assert {p.name for p in stage_code(ROOT / "src/evaluate.py")} >= {"evaluate.py", "locks.py"}
 
 
 def test_unknown_key_suggests_the_closest() -> None:
@@ -229,6 +225,7 @@ def test_missing_device_is_an_error_not_a_fallback(project: Path) -> None:
     result = run_cmd([sys.executable, "src/train.py"], cwd=project, check=False)
     assert result.returncode == 1
     assert "error: device 'cuda' was asked for but torch sees none" in result.stderr
+    # and the first stage refuses it before DVC deletes any output (tests/test_check_params.py)
 
 
 def test_a_param_type_the_parser_does_not_know_is_a_programming_error() -> None:

@@ -19,7 +19,8 @@ from conftest import ROOT
 from dvc_render.vega import VegaRenderer
 
 import plot
-from common import PipelineError, save_torch
+from pipeline.errors import PipelineError
+from pipeline.files import save_torch
 
 LABEL = "width 16 · 3 epochs · lr 0.05 · batch 128 · 10,000 training images · test acc"
 PLOTS_DIR = ROOT / ".dvc" / "plots"

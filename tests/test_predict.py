@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, committed_params_text, run_cmd
+from model import resnet18
 from PIL import Image
 
 import download
@@ -32,8 +33,10 @@ import evaluate
 import predict
 import preprocess
 import train
-from common import RAW_FILES, PipelineError, parse_section, save_torch
-from model import resnet18
+from pipeline.errors import PipelineError
+from pipeline.files import save_torch
+from pipeline.mnist import RAW_FILES
+from pipeline.params import parse_section
 
 CPU = torch.device("cpu")
 TRAIN_IMAGES = 4000  # real MNIST training images for the fixture's model (stratified)

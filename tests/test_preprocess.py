@@ -11,7 +11,9 @@ import torch
 from conftest import committed_params_text, idx_bytes, synthetic_digits, write_params
 
 import preprocess
-from common import RAW_FILES, PipelineError, load_torch
+from pipeline.errors import PipelineError
+from pipeline.files import load_torch
+from pipeline.mnist import RAW_FILES
 from preprocess import PreprocessParams
 
 

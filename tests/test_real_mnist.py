@@ -10,7 +10,7 @@ import torch
 
 import download
 import preprocess
-from common import RAW_FILES
+from pipeline.mnist import RAW_FILES
 from preprocess import PreprocessParams
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

@@ -22,15 +22,15 @@ from conftest import (
     write_processed,
 )
 
-import process
-from common import PipelineError
+from pipeline import process
+from pipeline.errors import PipelineError
 
 # A stand-in stage: runs under process.run like every stage, says it started, and
 # records that its `finally` ran (the atomic writes' clean-up runs there).
 STAGE = """
 import sys, time
 sys.path.insert(0, {src!r})
-import process
+from pipeline import process
 
 def main():
     open("started", "w").close()

@@ -1,5 +1,6 @@
 """The training loop on tiny synthetic data: augmentation, schedule, learning,
-non-finite losses, checkpoints and exact resume after an interruption."""
+non-finite losses, checkpoints and exact resume after an interruption, at an epoch's
+end or inside one."""
 
 from __future__ import annotations
 
@@ -13,53 +14,44 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import committed_params_text, synthetic_digits, wait_until
+from conftest import synthetic_digits, tiny_train_params, wait_until
 
 import train
-from checkpoint import fingerprint
-from common import PipelineError, load_torch, parse_section
-from device import cpu_has_amx, pick_device, resolve_eval_batch
-from model import predict_logits, resnet18
+from pipeline import augment, loop, optim
+from pipeline.checkpoint import Checkpoint
+from pipeline.errors import PipelineError
+from pipeline.files import load_torch
+from pipeline.loop import Data, Run
+from pipeline.model import predict_logits, resnet18
+from pipeline.settings import training_settings
 from preprocess import normalisation_stats, resize
 
 CPU = torch.device("cpu")
+tiny_params = tiny_train_params
 
 
-def tiny_params(**changes: object) -> train.TrainParams:
-    defaults = yaml.safe_load(committed_params_text())["train"]
-    # fp32 so that results do not depend on the CPU (auto picks bf16 where there is AMX)
-    tiny = {
-        "epochs": 3,
-        "batch_size": 32,
-        "device": "cpu",
-        "lr": 0.05,
-        "warmup_epochs": 0.5,
-        "precision": "fp32",
-    }
-    return parse_section(train.TrainParams, defaults | tiny | changes)
-
-
-def tiny_data(n_train: int = 256, n_val: int = 64) -> train.Data:
+def tiny_data(n_train: int = 256, n_val: int = 64) -> Data:
     x, y = synthetic_digits(n_train + n_val, seed=5)
     images, labels = resize(torch.from_numpy(x)), torch.from_numpy(y).long()
     mean, std = normalisation_stats(images[:n_train])
-    return train.Data(
-        images[:n_train], labels[:n_train], images[n_train:], labels[n_train:], mean, std
-    )
+    return Data(images[:n_train], labels[:n_train], images[n_train:], labels[n_train:], mean, std)
+
+
+def tiny_run(params: train.TrainParams, checkpoint: Path | None, run_id: str = "run-a") -> Run:
+    saved = Checkpoint(checkpoint, run_id) if checkpoint else None
+    return Run(params, training_settings(params, CPU), saved)
 
 
 def run_fit(
     params: train.TrainParams,
-    checkpoint: Path,
-    data: train.Data | None = None,
+    checkpoint: Path | None,
+    data: Data | None = None,
     stop_after: int | None = None,
 ) -> tuple[torch.nn.Module, list[dict]]:
     torch.manual_seed(params.seed)
     net = resnet18(width=4)
     records = []
-    settings = train.resolve_settings(params, CPU)
-    for record in train.fit(net, data or tiny_data(), params, settings, checkpoint, "run-a"):
+    for record in loop.fit(net, data or tiny_data(), tiny_run(params, checkpoint)):
         records.append(record)
         if record["epoch"] == stop_after:
             break  # as if interrupted right after this epoch's checkpoint
@@ -69,52 +61,44 @@ def run_fit(
 def test_random_shift_moves_each_image_within_bounds() -> None:
     images = torch.zeros(64, 1, 32, 32, dtype=torch.uint8)
     images[:, :, 15, 15] = 255
-    shifted = train.random_shift(images, 2, torch.Generator().manual_seed(0))
+    shifted = augment.random_shift(images, 2, torch.Generator().manual_seed(0))
     assert shifted.shape == images.shape and shifted.dtype == torch.uint8
     positions = shifted[:, 0].flatten(1).argmax(1)
     rows, cols = positions // 32, positions % 32
     assert rows.min() >= 13 and rows.max() <= 17 and cols.min() >= 13 and cols.max() <= 17
     assert len(set(positions.tolist())) > 10  # each image has its own offset
     assert torch.all(shifted.flatten(1).sum(1) == 255)  # content moved, not lost
-    assert train.random_shift(images, 0, torch.Generator()) is images
+    assert augment.random_shift(images, 0, torch.Generator()) is images
 
 
-def test_batches_cover_a_permutation_with_full_batches_only() -> None:
-    batches = list(train.epoch_batches(10, 3, torch.Generator().manual_seed(0)))
-    assert [len(b) for b in batches] == [3, 3, 3]
-    assert len(set(torch.cat(batches).tolist())) == 9
+def test_an_epoch_takes_full_batches_of_a_fresh_permutation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """100 images in batches of 32: 3 full batches of distinct images per epoch (the
+    remainder dropped, so every step has one shape), in a new order each epoch."""
+    taken: list[list[int]] = []
+    real_batch = loop.batch
+
+    def batch(data: Data, indices: torch.Tensor, *args: object) -> object:
+        taken.append(indices.tolist())
+        return real_batch(data, indices, *args)
+
+    monkeypatch.setattr(loop, "batch", batch)
+    run_fit(tiny_params(epochs=2), None, tiny_data(n_train=100))
+    assert [len(b) for b in taken] == [32] * 6
+    first, second = ([i for b in taken[k : k + 3] for i in b] for k in (0, 3))
+    assert len(set(first)) == len(set(second)) == 96
+    assert first != second
+    with pytest.raises(PipelineError, match="train.batch_size = 32 .* at most the 20 training"):
+        run_fit(tiny_params(), None, tiny_data(n_train=20))
 
 
 def test_lr_warms_up_linearly_then_decays_to_zero() -> None:
-    factors = [train.lr_factor(step, 10, 100) for step in range(100)]
+    factors = [optim.lr_factor(step, 10, 100) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.001
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
-    assert train.lr_factor(55, 10, 100) == pytest.approx(0.5)
-
-
-def test_auto_settings_on_cpu_and_missing_devices() -> None:
-    settings = train.resolve_settings(tiny_params(precision="auto"), CPU)
-    expected = torch.bfloat16 if cpu_has_amx() else None
-    assert (settings.autocast_dtype, settings.channels_last, settings.compile) == (
-        expected,
-        True,
-        False,
-    )
-    forced = train.resolve_settings(tiny_params(precision="bf16", channels_last=False), CPU)
-    assert forced.autocast_dtype == torch.bfloat16 and not forced.channels_last
-    assert train.resolve_settings(tiny_params(precision="fp32"), CPU).autocast_dtype is None
-    # evaluation batch: small on a CPU (faster there), large on a GPU, or as given
-    assert train.resolve_settings(tiny_params(eval_batch_size="auto"), CPU).eval_batch_size == 64
-    assert train.resolve_settings(tiny_params(eval_batch_size=256), CPU).eval_batch_size == 256
-    assert resolve_eval_batch("auto", torch.device("cuda")) == 1024
-    for name, available in (
-        ("cuda", torch.cuda.is_available()),
-        ("mps", torch.backends.mps.is_available()),
-    ):
-        if not available:
-            with pytest.raises(PipelineError, match=f"device '{name}' was asked for"):
-                pick_device(name)
+    assert optim.lr_factor(55, 10, 100) == pytest.approx(0.5)
 
 
 def test_training_learns(tmp_path: Path) -> None:
@@ -164,7 +148,7 @@ def test_weight_decay_applies_to_conv_and_linear_weights_only() -> None:
     assert "fc.weight" in decayed and "bn1.weight" not in decayed
     for fused in (False, True):
         before = {name: t.detach().clone() for name, t in net.named_parameters()}
-        optimizer = train.make_optimizer(net, params, fused)
+        optimizer = optim.make_optimizer(net, params, fused)
         for t in net.parameters():
             t.grad = torch.ones_like(t)
         optimizer.step()
@@ -181,7 +165,7 @@ def test_sgd_steps_with_nesterov_momentum() -> None:
     params = tiny_params(lr=lr, momentum=m, nesterov=True, weight_decay=0.0)
     net = resnet18(width=4)
     before = [t.detach().clone() for t in net.parameters()]
-    optimizer = train.make_optimizer(net, params, fused=False)
+    optimizer = optim.make_optimizer(net, params, fused=False)
     for _ in range(2):
         for t in net.parameters():
             t.grad = torch.ones_like(t)
@@ -205,24 +189,74 @@ def test_non_finite_loss_stops_naming_epoch_and_step(tmp_path: Path) -> None:
 def test_checkpoint_is_complete_and_loads_weights_only(tmp_path: Path) -> None:
     run_fit(tiny_params(), tmp_path / "ckpt.pt", stop_after=1)
     state = load_torch(tmp_path / "ckpt.pt")  # weights_only=True
-    assert set(state) == {"run_id", "model", "optimizer", "scheduler", "scaler", "rng", "history"}
+    assert set(state) == {
+        "run_id",
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "rng",
+        "history",
+        "in_progress",
+    }
     assert set(state["rng"]) >= {"torch", "data", "python"}
-    assert [r["epoch"] for r in state["history"]] == [1]
+    assert [r["epoch"] for r in state["history"]] == [1] and state["in_progress"] is None
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temp left
 
 
-def test_resume_after_interruption_gives_identical_weights(tmp_path: Path) -> None:
-    params = tiny_params()
-    straight, straight_records = run_fit(params, tmp_path / "a.pt")
-    run_fit(params, tmp_path / "b.pt", stop_after=1)
-    resumed, resumed_records = run_fit(params, tmp_path / "b.pt")
+def interrupted_at(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None:
+    """Make the next run stop (as Ctrl-C stops it) right after it saved the checkpoint
+    of `epoch` with `step` steps done inside it."""
+    real_save = Checkpoint.save
+
+    def save(self: Checkpoint, state: object) -> None:
+        real_save(self, state)
+        partial = state.in_progress
+        if partial and (partial.epoch, partial.step) == (epoch, step):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", save)
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [
+        {k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")} for r in records
+    ]
+
+
+@pytest.mark.parametrize("where", ["after epoch 1", "inside epoch 2"])
+def test_resume_after_interruption_gives_identical_weights_and_figures(
+    tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """An interrupted run, resumed, ends with the weights and per-epoch figures of one
+    never interrupted: stopped after an epoch's checkpoint, or inside an epoch (a
+    checkpoint after every step: checkpoint_minutes tiny), at step 3 of 8."""
+    params = tiny_params(checkpoint_minutes=1e-9)
+    straight, straight_records = run_fit(params, None)
+    checkpoint = tmp_path / "ckpt.pt"
+    if where == "after epoch 1":
+        run_fit(params, checkpoint, stop_after=1)
+        expected = f"resuming from {checkpoint} at epoch 2/3, step 0/8"
+    else:
+        with monkeypatch.context() as patch:
+            interrupted_at(patch, epoch=2, step=3)
+            with pytest.raises(KeyboardInterrupt):
+                run_fit(params, checkpoint)
+        assert load_torch(checkpoint)["in_progress"]["step"] == 3
+        expected = f"resuming from {checkpoint} at epoch 2/3, step 3/8"
+    capsys.readouterr()
+    resumed, resumed_records = run_fit(params, checkpoint)
+    assert expected in capsys.readouterr().out.splitlines()
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
-    strip = [
-        {k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")}
-        for r in (*straight_records, *resumed_records)
-    ]
-    assert strip[:3] == strip[3:]
+    assert without_timings(resumed_records) == without_timings(straight_records)
+
+
+def test_a_run_without_a_checkpoint_says_it_starts_from_the_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_fit(tiny_params(epochs=1), tmp_path / "ckpt.pt")
+    assert "training from the start: 1 epochs of 8 steps" in capsys.readouterr().out
 
 
 def test_checkpoint_of_another_run_is_ignored(
@@ -230,40 +264,10 @@ def test_checkpoint_of_another_run_is_ignored(
 ) -> None:
     run_fit(tiny_params(), tmp_path / "ckpt.pt", stop_after=1)
     torch.manual_seed(0)
-    records = list(
-        train.fit(
-            resnet18(width=4),
-            tiny_data(),
-            tiny_params(),
-            train.resolve_settings(tiny_params(), CPU),
-            tmp_path / "ckpt.pt",
-            "run-b",
-        )
-    )
+    another = tiny_run(tiny_params(), tmp_path / "ckpt.pt", run_id="run-b")
+    records = list(loop.fit(resnet18(width=4), tiny_data(), another))
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert "belongs to another run" in capsys.readouterr().out
-
-
-def test_fingerprint_changes_with_params_and_data(tmp_path: Path) -> None:
-    data = tmp_path / "d.pt"
-    data.write_bytes(b"one")
-    model = train.ModelParams(width=4)
-    settings = train.resolve_settings(tiny_params(), CPU)
-
-    def run_id(
-        model_p: train.ModelParams = model,
-        p: train.TrainParams | None = None,
-        s: train.Settings = settings,
-    ) -> str:
-        return fingerprint([model_p, p or tiny_params()], s.describe(), [data])
-
-    base = run_id()
-    assert base == run_id()
-    assert base != run_id(p=tiny_params(lr=0.01))
-    assert base != run_id(model_p=train.ModelParams(width=8))
-    assert base != run_id(s=dataclasses.replace(settings, device=torch.device("cuda")))
-    data.write_bytes(b"two")
-    assert base != run_id()
 
 
 def test_lr_logged_per_epoch_is_the_mean_of_its_steps(tmp_path: Path) -> None:

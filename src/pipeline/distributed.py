@@ -15,28 +15,37 @@ Read by the train stage only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import PipelineError
+import torch
+import torch.distributed as dist
+from torch import nn
 
-# Set by our launcher for its workers: it holds the workspace's train lock and the GPUs.
-LAUNCHER_ENV = "TRAIN_LAUNCHER_PID"
+from pipeline.errors import ERROR_PREFIX, EXIT_INTERRUPTED, PipelineError
+from pipeline.locks import LAUNCHER_ENV
+
 # The signals that stop a run; the launch API installs handlers for them.
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
 # Exit codes of a worker that the launch API stopped with SIGTERM: a consequence.
-STOPPED = {130, -15}  # 130: our handler (process.run); -15: stopped before it was set
-# What a worker prints when a peer is gone: a consequence too.
+STOPPED = {EXIT_INTERRUPTED, -signal.SIGTERM}  # -15: stopped before our handler was set
+# What a worker prints when a peer is gone (Gloo's closed connection, NCCL's remote
+# error or aborted communicator): a consequence too. Any other error, an NCCL error
+# about this process's own GPU included, is evidence of a cause.
 LOST_PEER = (
     "Connection closed by peer",
     "Connection reset by peer",
-    "gloo/",
-    "DistBackendError",
-    "NCCL",
+    "ncclRemoteError",
+    "remote process exited",
+    "communicator was aborted",
 )
 
 
@@ -72,41 +81,6 @@ def world_from_env() -> World | None:
     )
 
 
-def holds_workspace() -> bool:
-    """Whether this process takes the workspace's train lock: not a worker of our
-    launcher (the launcher holds it), and the first process on its machine."""
-    return LAUNCHER_ENV not in os.environ and os.environ.get("LOCAL_RANK", "0") == "0"
-
-
-def resolve_processes(requested: int | str, cuda_devices: int, batch_size: int) -> int:
-    """`train.processes`: auto is one process per visible CUDA device (else 1), or as
-    many as share `batch_size` evenly (512 on 6 GPUs: 4); a number must share it."""
-    if requested == "auto":
-        return max(n for n in range(1, max(1, cuda_devices) + 1) if batch_size % n == 0)
-    if batch_size % int(requested):
-        raise PipelineError(
-            f"params.yaml: train.processes = {requested} does not divide train.batch_size = "
-            f"{batch_size} (each process takes an equal share of every batch)"
-        )
-    return int(requested)
-
-
-def resolve_sync_batchnorm(requested: bool | str, world: World, device_type: str) -> bool:
-    """BatchNorm statistics over the global batch, as one process computes them. torch's
-    SyncBatchNorm runs only on GPUs (and XPU/HPU): on CPUs each process normalises its
-    own share of the batch ("ghost batch" BatchNorm, Hoffer et al. 2017)."""
-    if world.size == 1:
-        return False  # one process sees the whole batch: nothing to synchronise
-    if requested == "auto":
-        return device_type == "cuda"
-    if requested and device_type != "cuda":
-        raise PipelineError(
-            f"train.sync_batchnorm = true needs CUDA devices (torch's SyncBatchNorm runs "
-            f"only there), not {device_type}: use auto or false"
-        )
-    return bool(requested)
-
-
 def launch(processes: int, script: str, gpus: list[str] | None) -> None:
     """Run `script` as `processes` workers on this machine (elastic launch, as
     `torchrun --standalone --nproc-per-node N` does) and wait for them. `gpus`: the
@@ -114,11 +88,6 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
     others. The workers' stderr goes to files: on success the main process's is
     printed; on a failure only the one that caused it (root_cause), then one
     PipelineError. The others' tracebacks (lost their peer) would only mislead."""
-    import dataclasses
-    import shutil
-    import signal
-    import tempfile
-
     from torch.distributed.elastic.multiprocessing.api import (
         DefaultLogsSpecs,
         SignalException,
@@ -186,14 +155,14 @@ def root_cause(exit_codes: dict[int, int], logs: Path) -> int:
     that stopped with its own error line (a PipelineError), then one with a traceback
     that is not about a lost peer (an error on that rank alone, out of memory say), then
     one killed by a signal (the out-of-memory killer's SIGKILL), then the lowest. Not
-    causes: those the launch API stopped (SIGTERM: 130 from our handler, or -15) and
-    tracebacks of a lost connection (Gloo) or an aborted communicator (NCCL). Two ranks
+    causes: those the launch API stopped (SIGTERM: EXIT_INTERRUPTED from our handler, or
+    -15) and tracebacks of a lost peer (LOST_PEER). Two ranks
     both killed by SIGKILL (one by the kernel, one hung in NCCL and killed by the launch
     API) cannot be told apart: the lower is named."""
 
     def evidence(rank: int) -> int:
         text = stderr_of(logs, rank).strip()
-        if text and text.splitlines()[-1].startswith("error: "):
+        if text and text.splitlines()[-1].startswith(ERROR_PREFIX):
             return 0
         if exit_codes[rank] in STOPPED:
             return 4
@@ -206,16 +175,11 @@ def root_cause(exit_codes: dict[int, int], logs: Path) -> int:
 
 def handled_signals() -> list[str]:
     """The stop signals that this process does not ignore."""
-    import signal
-
     return [n for n in STOP_SIGNALS if signal.getsignal(getattr(signal, n)) is not signal.SIG_IGN]
 
 
-def start(world: World, device: Any) -> None:
+def start(world: World, device: torch.device) -> None:
     """Join the process group of `world` (from torchrun's environment variables)."""
-    import torch
-    import torch.distributed as dist
-
     if world.size == 1:
         return
     if device.type == "cuda":
@@ -229,20 +193,16 @@ def start(world: World, device: Any) -> None:
 def all_done() -> None:
     """Wait until every process got here: the main one writes the outputs while the
     others are done, and NCCL's teardown may itself be collective."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
 
 
 def finish() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def data_parallel(net: Any, device: Any, world: World) -> Any:
+def data_parallel(net: nn.Module, device: torch.device, world: World) -> nn.Module:
     """`net` wrapped so that its gradients are averaged over the processes after each
     backward pass (DistributedDataParallel); `net` itself when there is one process."""
     if world.size == 1:
@@ -252,10 +212,8 @@ def data_parallel(net: Any, device: Any, world: World) -> Any:
     return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
 
 
-def sum_over_processes(tensor: Any) -> Any:
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` summed over all processes, in place."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
@@ -263,8 +221,6 @@ def sum_over_processes(tensor: Any) -> Any:
 
 def from_main(obj: Any) -> Any:
     """The main process's `obj`, in every process (pickled: our own objects only)."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return obj
     holder = [obj]

@@ -1,8 +1,10 @@
-"""Shared by every stage: params loading and validation, seeding, device choice,
-atomic writes, and the one-line error that a stage stops with.
+"""params.yaml into frozen dataclasses: one section per stage, every key checked.
 
 Every stage script is run from the repository root (as `dvc repro` does), so
 `params.yaml` and the paths in its `paths:` section are relative to that root.
+A stage's section is loaded with load_params(<its dataclass>): unknown, missing
+and mistyped keys are refused with one line naming the key, its value and what
+is allowed; ranges are checked in the dataclass's __post_init__ with check().
 """
 
 from __future__ import annotations
@@ -11,39 +13,19 @@ import contextlib
 import dataclasses
 import difflib
 import math
-import os
-import random
-import shutil
-import tempfile
 import types
 import typing
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
 
+from pipeline.errors import PipelineError
+
 PARAMS_FILE = Path("params.yaml")
 
-# The four MNIST files as the download stage stores them in `paths.raw`
-# (decompressed, so their bytes and DVC hashes do not depend on the mirror).
-RAW_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
 Auto = Literal["auto", True, False]
-NUM_CLASSES = 10  # digits 0-9
-
-
-class PipelineError(Exception):
-    """An error the user can fix (bad params, bad data, missing device): shown as one line."""
-
-
-# --------------------------------------------------------------------------- params
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -171,57 +153,3 @@ class Paths:
 
 def load_paths(params_file: Path = PARAMS_FILE) -> Paths:
     return load_params(Paths, params_file)
-
-
-# --------------------------------------------------------------------------- seeding
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's and torch's global generators (CPU and every GPU)."""
-    import torch
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block
-    succeeds, so a crash never leaves a half-written file or folder at `path`.
-
-    A folder that `path` replaces is first renamed aside, so a crash at any moment
-    leaves either the old or the new output. Temp folders of an earlier, killed
-    run of the same output are removed first (DVC runs one stage at a time)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp / path.name
-    try:
-        yield target
-        if path.is_dir() and not path.is_symlink():
-            os.replace(path, tmp / "replaced")
-        os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_torch(obj: Any, path: str | Path) -> None:
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_torch(path: str | Path) -> Any:
-    """Load a tensor file or checkpoint without unpickling arbitrary objects."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{path} not found: run the stage that makes it first") from None

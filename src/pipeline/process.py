@@ -2,7 +2,7 @@
 through run(): an error the user can fix is one line and exit 1; Ctrl-C, SIGTERM or
 SIGHUP stop it as an interrupt (exit 130, `finally` blocks run, so no half-written
 output stays); it stops when the `dvc` process that started it dies; and a second
-run of a stage in the same workspace is refused (docs/faults.md).
+run of a stage in the same workspace is refused (pipeline/locks.py, docs/faults.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from common import PipelineError, load_paths
+from pipeline.errors import ERROR_PREFIX, EXIT_ERROR, EXIT_INTERRUPTED, PipelineError
+from pipeline.locks import stage_lock
+from pipeline.params import load_paths
 
 # --------------------------------------------------------------------------- interrupts
 
@@ -127,7 +129,7 @@ def _stop_self() -> None:
     that an orphaned stage never runs on holding its lock."""
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(STOP_GRACE_S)
-    os._exit(130)
+    os._exit(EXIT_INTERRUPTED)
 
 
 def _watch(ancestors: list[tuple[int, str | None]], parent: int) -> None:
@@ -167,45 +169,20 @@ def stop_with_parent() -> None:
     threading.Thread(target=_watch, args=(ancestors, parent), daemon=True).start()
 
 
-@contextlib.contextmanager
-def exclusive(stage: str, lock_dir: str | Path) -> Iterator[None]:
-    """Hold `lock_dir`/`stage`.lock for the block, or fail at once naming the process
-    that holds it: two runs of one stage never write one workspace's outputs together.
-    An flock, so the operating system releases it when its holder dies, however."""
-    import fcntl
-
-    path = Path(lock_dir) / f"{stage}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            raise PipelineError(
-                f"another run of the {stage} stage (pid {holder}) is writing this "
-                f"workspace's outputs ({path} is locked): wait for it, or stop it"
-            ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        yield
-
-
 def run(main: Callable[[], None], stage: str | None = None) -> None:
-    """Run a stage's main(): a PipelineError becomes one line on stderr and exit 1,
-    Ctrl-C, SIGTERM or SIGHUP exit 130 (after `finally` blocks ran). The stage stops
-    when the process that started it dies; with `stage` named, it runs only if no
-    other run of that stage holds this workspace's lock (in `paths.checkpoints`)."""
+    """Run a stage's main(): a PipelineError becomes one line on stderr and exit
+    EXIT_ERROR; Ctrl-C, SIGTERM or SIGHUP exit EXIT_INTERRUPTED (after `finally` blocks
+    ran). The stage stops when the process that started it dies; with `stage` named,
+    it runs only if no other run of that stage holds this workspace's lock (in
+    `paths.checkpoints`)."""
     install_interrupt_handlers()
     stop_with_parent()
     try:
-        with exclusive(stage, load_paths().checkpoints) if stage else contextlib.nullcontext():
+        with stage_lock(stage, load_paths().checkpoints) if stage else contextlib.nullcontext():
             main()
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        print(f"{ERROR_PREFIX}{error}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)

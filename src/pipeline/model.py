@@ -15,8 +15,17 @@ state dict keys and parameter shapes match; the one difference is the stem
 
 from __future__ import annotations
 
+import dataclasses
+import zipfile
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
+from pipeline.errors import PipelineError
+from pipeline.files import load_torch, save_torch
+from pipeline.mnist import NUM_CLASSES
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -53,7 +62,11 @@ class BasicBlock(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(
-        self, layers: list[int], width: int = 64, num_classes: int = 10, in_channels: int = 1
+        self,
+        layers: list[int],
+        width: int = 64,
+        num_classes: int = NUM_CLASSES,
+        in_channels: int = 1,
     ) -> None:
         super().__init__()
         if width < 1 or num_classes < 1:
@@ -99,13 +112,13 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-def resnet18(width: int = 64, num_classes: int = 10) -> ResNet:
+def resnet18(width: int = 64, num_classes: int = NUM_CLASSES) -> ResNet:
     """ResNet-18 (two BasicBlocks per layer) for 1x32x32 inputs."""
     return ResNet([2, 2, 2, 2], width=width, num_classes=num_classes)
 
 
 # --------------------------------------------------------------------------- inference
-# Shared by training (validation each epoch) and the evaluate stage (test set).
+# Shared by training (validation each epoch), the evaluate stage and predict.
 
 
 def normalise(images: Tensor, mean: float, std: float) -> Tensor:
@@ -132,4 +145,45 @@ def predict_logits(
         x = x.contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             chunks.append(model(x).float())
-    return torch.cat(chunks) if chunks else torch.empty(0, 10, device=device)
+    return torch.cat(chunks) if chunks else torch.empty(0, NUM_CLASSES, device=device)
+
+
+# --------------------------------------------------------------------------- the model file
+# `paths.model`: {"state_dict", "params": {"model", "train"}, "stats": {"mean", "std"}}.
+
+
+def save_model(
+    path: str | Path, net: nn.Module, params: dict[str, Any], stats: dict[str, float]
+) -> None:
+    """Write the trained weights with the params (dataclasses, by section) that made
+    them and the normalisation stats their inputs need, atomically."""
+    sections = {name: dataclasses.asdict(section) for name, section in params.items()}
+    save_torch({"state_dict": net.state_dict(), "params": sections, "stats": stats}, path)
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[ResNet, dict[str, Any]]:
+    """The network save_model wrote (eval mode, on `device`) and the whole saved file.
+    Read with weights_only=True: nothing in it is unpickled as code."""
+    try:
+        saved = load_torch(path)
+        net = resnet18(width=saved["params"]["model"]["width"])
+        net.load_state_dict(saved["state_dict"])
+        float(saved["stats"]["mean"]), float(saved["stats"]["std"])
+    except PipelineError:  # not found
+        raise
+    except Exception as error:  # torch's reasons are long: say which file and what it is
+        reason = _why(path, error)
+        raise PipelineError(f"{path} is not a model that src/train.py wrote ({reason})") from None
+    return net.to(device).eval(), saved
+
+
+def _why(path: str | Path, error: Exception) -> str:
+    if Path(path).is_dir():
+        return "a folder"
+    if Path(path).stat().st_size == 0:
+        return "an empty file"
+    if not zipfile.is_zipfile(path):
+        return "not a file that torch.save writes"
+    if isinstance(error, KeyError | TypeError):
+        return f"no {error} in it" if isinstance(error, KeyError) else "not a model's contents"
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
