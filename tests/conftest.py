@@ -65,6 +65,21 @@ def tiny_train_params(**changes: object) -> Any:
     return parse_section(train.TrainParams, defaults | tiny | changes)
 
 
+def save_untrained_model(path: Path, width: int = 4, seed: int = 0) -> Any:
+    """A freshly initialised network written as the train stage writes its model
+    (pipeline.model.save_model), with the tiny train params; returned in eval mode."""
+    import torch
+
+    import train
+    from pipeline.model import resnet18, save_model
+
+    torch.manual_seed(seed)
+    net = resnet18(width=width)
+    params = {"model": train.ModelParams(width=width), "train": tiny_train_params()}
+    save_model(path, net, params, {"mean": 0.13, "std": 0.31})
+    return net.eval()
+
+
 def idx_bytes(array: np.ndarray) -> bytes:
     """Encode a uint8 array in the IDX format (magic 0x08 = unsigned byte, then ndim)."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(

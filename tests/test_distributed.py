@@ -8,6 +8,7 @@ a plain one-process run must differ, or the comparison could not tell them apart
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import device
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,20 +30,23 @@ from conftest import (
     make_project,
     processes_running,
     run_cmd,
+    tiny_train_params,
     wait_until,
     write_params,
     write_processed,
 )
-from model import resnet18
 from torch import nn
 
 import train
-from pipeline import distributed, process
+from pipeline import distributed, gpus, process
 from pipeline.distributed import STOP_SIGNALS
 from pipeline.errors import PipelineError
 from pipeline.files import load_torch
-from pipeline.loop import seed_everything
+from pipeline.identity import training_recipe
+from pipeline.loop import Run, fit, seed_everything
+from pipeline.model import resnet18
 from pipeline.params import load_params
+from pipeline.settings import Settings, training_settings
 
 TWO = {"train": TINY["train"] | {"processes": 2, "precision": "fp32"}}
 
@@ -77,12 +80,12 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         return torch.cat([super().forward(first), *others])
 
 
-def one_process_weights(project: Path, ghost: bool, checkpoint: Path) -> dict[str, torch.Tensor]:
+def one_process_weights(project: Path, ghost: bool) -> dict[str, torch.Tensor]:
     """Train in this process, on one thread as each worker, with the project's params and
     data, as train.py does."""
     model_p = load_params(train.ModelParams, project / "params.yaml")
     p = load_params(train.TrainParams, project / "params.yaml")
-    settings = train.resolve_settings(p, torch.device("cpu"))
+    settings = training_settings(p, torch.device("cpu"))
     data = train.load_data(project / "data/processed", torch.device("cpu"))
     seed_everything(p.seed)
     net = resnet18(width=model_p.width)
@@ -93,7 +96,7 @@ def one_process_weights(project: Path, ghost: bool, checkpoint: Path) -> dict[st
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in train.fit(net, data, p, settings, checkpoint, "reference"):
+        for _ in fit(net, data, Run(p, settings)):
             pass
     finally:
         torch.set_num_threads(threads)
@@ -122,10 +125,10 @@ def test_two_gloo_processes_train_the_model_that_one_process_trains(
     assert "starting 2 training processes on the CPU (Gloo)" in stdout
     assert "2 processes, BatchNorm over each one's 25 images" in stdout
     two = load_torch(project / "models/model.pt")["state_dict"]
-    reference = one_process_weights(project, ghost=True, checkpoint=tmp_path / "ghost.pt")
+    reference = one_process_weights(project, ghost=True)
     assert largest_difference(two, reference) < TOLERANCE
     # the comparison tells BatchNorm over 25 images from BatchNorm over 50
-    plain = one_process_weights(project, ghost=False, checkpoint=tmp_path / "plain.pt")
+    plain = one_process_weights(project, ghost=False)
     assert largest_difference(two, plain) > 100 * TOLERANCE
 
 
@@ -210,18 +213,25 @@ def test_a_failed_process_stops_the_others_with_one_error(project: Path) -> None
     assert not (project / "reports/train").exists()
 
 
+LONG_RUN_EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The weights of the run that the interrupted runs below make, never interrupted."""
+    project = make_project(tmp_path_factory.mktemp("uninterrupted") / "project")
+    write_processed(project)
+    write_params(project, {"train": TWO["train"] | {"epochs": LONG_RUN_EPOCHS}})
+    run_cmd([sys.executable, "src/train.py"], cwd=project)
+    return load_torch(project / "models/model.pt")["state_dict"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_an_interrupted_run_resumes_to_the_same_weights(
-    project: Path, tmp_path: Path, signum: int
+    project: Path, uninterrupted_weights: dict[str, torch.Tensor], signum: int
 ) -> None:
     write_processed(project)
-    epochs = 6
-    uninterrupted = make_project(tmp_path / "uninterrupted")
-    write_processed(uninterrupted)
-    write_params(uninterrupted, {"train": TWO["train"] | {"epochs": epochs}})
-    run_cmd([sys.executable, "src/train.py"], cwd=uninterrupted)
-
-    run = start_long_run(project, epochs)
+    run = start_long_run(project, LONG_RUN_EPOCHS)
     workers = workers_of(run.pid)
     assert sorted(workers) == [0, 1]
     run.send_signal(signum)  # the launcher: dvc's kill reaches it, or it dies outright
@@ -236,8 +246,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from models/checkpoints/" in resumed.stdout
     weights = load_torch(project / "models/model.pt")["state_dict"]
-    expected = load_torch(uninterrupted / "models/model.pt")["state_dict"]
-    assert largest_difference(weights, expected) == 0.0
+    assert largest_difference(weights, uninterrupted_weights) == 0.0
 
 
 def test_signals_ignored_by_the_launcher_stay_ignored(project: Path) -> None:
@@ -292,11 +301,10 @@ def test_out_of_memory_on_any_process_is_one_clear_error() -> None:
         yield {"epoch": 1}
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    p = load_params(train.TrainParams)
-    settings = train.resolve_settings(p, torch.device("cpu"))
-    named = train.out_of_memory_named(records(), p, settings)
+    p = tiny_train_params(batch_size=50)
+    named = train.out_of_memory_named(records(), Run(p, training_settings(p, torch.device("cpu"))))
     assert next(named) == {"epoch": 1}
-    with pytest.raises(PipelineError, match=r"^out of memory on cpu with train.batch_size = "):
+    with pytest.raises(PipelineError, match=r"^out of memory on cpu with train.batch_size = 50 "):
         next(named)
 
 
@@ -320,31 +328,17 @@ def test_the_launcher_puts_its_signal_handlers_back(
 
 
 def test_a_run_is_the_same_run_with_any_number_of_processes() -> None:
-    settings = train.Settings(torch.device("cuda", 3), "bf16", True, True, False, True, 1024)
-    on_first_gpu = train.Settings(torch.device("cuda", 0), "bf16", True, True, False, True, 1024)
-    one = train.batchnorm_batch(512, distributed.ONE_PROCESS, sync_batchnorm=False)
-    four = distributed.World(rank=2, size=4, local_rank=2, local_size=4)
-    synced = train.batchnorm_batch(512, four, sync_batchnorm=True)
-    ghost = train.batchnorm_batch(512, four, sync_batchnorm=False)
-    assert (one, synced, ghost) == (512, 512, 128)
-    assert train.run_settings(settings, synced) == train.run_settings(on_first_gpu, one)
-    assert train.run_settings(settings, ghost) != train.run_settings(settings, one)
-
-
-def test_sync_batchnorm_is_for_several_processes_on_gpus() -> None:
-    two = distributed.World(rank=0, size=2, local_rank=0, local_size=2)
-    assert distributed.resolve_sync_batchnorm("auto", two, "cuda") is True
-    assert distributed.resolve_sync_batchnorm("auto", two, "cpu") is False
-    assert distributed.resolve_sync_batchnorm(True, distributed.ONE_PROCESS, "cuda") is False
-    with pytest.raises(Exception, match="train.sync_batchnorm = true needs CUDA devices"):
-        distributed.resolve_sync_batchnorm(True, two, "cpu")
-    assert distributed.resolve_processes("auto", 0, 512) == 1
-    assert distributed.resolve_processes("auto", 4, 512) == 4
-    assert distributed.resolve_processes("auto", 6, 512) == 4  # as many as share the batch
-    assert distributed.resolve_processes("auto", 3, 512) == 2
-    assert distributed.resolve_processes(3, 4, 48) == 3
-    with pytest.raises(Exception, match="train.processes = 3 does not divide"):
-        distributed.resolve_processes(3, 4, 512)
+    """On GPUs with SyncBatchNorm, 4 processes train what 1 does (whichever GPUs): one
+    run, resumable by either. Without it each normalises its share: another run."""
+    p = tiny_train_params(batch_size=512)
+    sections = {"model": train.ModelParams(width=4), "train": p}
+    gpu = Settings(torch.device("cuda", 0), "bf16", True, 1024, fused_optimizer=True)
+    on_fourth_gpu = dataclasses.replace(gpu, device=torch.device("cuda", 3))
+    synced = dataclasses.replace(on_fourth_gpu, sync_batchnorm=True)
+    one = training_recipe(sections, gpu, processes=1)
+    assert training_recipe(sections, synced, processes=4) == one
+    ghost = training_recipe(sections, on_fourth_gpu, processes=4)
+    assert ghost != one and ghost["batchnorm_batch"] == 128
 
 
 def test_a_batch_that_the_processes_cannot_share_is_refused(project: Path) -> None:
@@ -377,8 +371,8 @@ def test_dvc_repro_trains_with_two_processes(tmp_path: Path, mnist_mirror: str) 
 CLAIM = """
 import sys, time
 sys.path.insert(0, "src")
-import device
-print(device.claim_gpus(int(sys.argv[1]), ["0", "1"], sys.argv[2]), flush=True)
+from pipeline import gpus
+print(gpus.claim_gpus(int(sys.argv[1]), ["0", "1"], sys.argv[2]), flush=True)
 time.sleep(600)
 """
 
@@ -463,15 +457,15 @@ def test_a_run_takes_all_the_gpus_it_needs_or_none(tmp_path: Path) -> None:
 
 
 def test_more_gpus_than_there_are_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="3 GPUs wanted, but this machine shows 2"):
-        device.claim_gpus(3, ["0", "1"], tmp_path)
+    with pytest.raises(PipelineError, match="3 GPUs wanted, but this machine shows 2"):
+        gpus.claim_gpus(3, ["0", "1"], tmp_path)
 
 
 def test_gpu_locks_are_shared_by_every_users_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     locks = tmp_path / "locks"
-    assert device.claim_gpus(1, ["0", "1"], locks) == [0]  # held until pytest ends: a temp dir
+    assert gpus.claim_gpus(1, ["0", "1"], locks) == [0]  # held until pytest ends: a temp dir
     assert locks.stat().st_mode & 0o7777 == 0o1777  # like /tmp: anyone adds, only owners remove
     assert (locks / "gpu-0.lock").stat().st_mode & 0o777 == 0o666
     # a lock file another user made read-only for us still locks (flock needs no write)
@@ -483,15 +477,18 @@ def test_gpu_locks_are_shared_by_every_users_runs(
         return real_open(path, flags, *args)
 
     real_open = os.open
-    monkeypatch.setattr(device.os, "open", refused)
-    assert device.claim_gpus(1, ["0", "1"], locks) == [1]
+    monkeypatch.setattr(gpus.os, "open", refused)
+    assert gpus.claim_gpus(1, ["0", "1"], locks) == [1]
     assert (locks / "gpu-1.lock").read_text() == "4242\n"  # could not write our pid
 
 
-def test_gpu_locks_are_named_by_the_gpus_ids(tmp_path: Path) -> None:
+def test_gpu_locks_are_named_by_the_gpus_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two runs that number one GPU differently (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER)
     still lock the same file: its UUID's."""
-    assert device.claim_gpus(1, ["3"], tmp_path, ids=["GPU-5a1e"]) == [0]
+    monkeypatch.setattr(gpus, "gpu_ids", lambda: ["GPU-5a1e"])
+    assert gpus.claim_gpus(1, ["3"], tmp_path) == [0]
     assert [p.name for p in tmp_path.iterdir()] == ["gpu-GPU-5a1e.lock"]
 
 
@@ -507,7 +504,7 @@ def test_a_link_in_the_shared_lock_folder_is_refused(tmp_path: Path) -> None:
     os.link(victim, locks / "gpu-1.lock")
     for gpu in ("0", "1"):
         with pytest.raises(PipelineError, match=f"gpu-{gpu}.lock is not a plain lock file"):
-            device.claim_gpus(1, [gpu], locks)
+            gpus.claim_gpus(1, [gpu], locks)
     assert victim.read_text() == "precious\n" and victim.stat().st_mode & 0o777 == 0o600
 
 
@@ -519,9 +516,9 @@ def test_a_lock_folder_we_may_not_write_to_is_named(
             raise PermissionError(13, "Permission denied")
         raise FileNotFoundError(2, "No such file or directory")
 
-    monkeypatch.setattr(device.os, "open", refused)
+    monkeypatch.setattr(gpus.os, "open", refused)
     with pytest.raises(PipelineError, match=r"cannot open the GPU lock .*gpu-0.lock \(No such"):
-        device.claim_gpus(1, ["0"], tmp_path)
+        gpus.claim_gpus(1, ["0"], tmp_path)
 
 
 def test_gpus_are_named_by_uuid_where_torch_reports_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -532,11 +529,11 @@ def test_gpus_are_named_by_uuid_where_torch_reports_one(monkeypatch: pytest.Monk
     monkeypatch.setattr(
         torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=uuids[1 - i])
     )
-    assert device.visible_gpus() == ["1", "0"]
-    assert device.gpu_ids() == ["GPU-77c3", "GPU-5a1e"]
+    assert gpus.visible_gpus() == ["1", "0"]
+    assert gpus.gpu_ids() == ["GPU-77c3", "GPU-5a1e"]
 
     def no_uuid(i: int) -> object:  # an older torch, or a device without one
         return SimpleNamespace()
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_uuid)
-    assert device.gpu_ids() is None  # claim_gpus then names the locks as visible_gpus does
+    assert gpus.gpu_ids() is None  # claim_gpus then names the locks as visible_gpus does

@@ -8,13 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import committed_params_text, write_params
-from model import resnet18
+from conftest import committed_params_text, save_untrained_model, write_params
 
 import evaluate
 from pipeline.files import save_torch
-from pipeline.params import load_paths, parse_section
-from pipeline.settings import cpu_has_amx
+from pipeline.model import resnet18
+from pipeline.params import load_paths
+from pipeline.settings import Settings
 
 
 def test_per_class_table_from_known_predictions() -> None:
@@ -61,24 +61,6 @@ def test_macro_f1_is_the_mean_f1_over_the_classes() -> None:
 CPU = torch.device("cpu")
 
 
-def evaluate_params(**changes: object) -> evaluate.EvaluateParams:
-    raw = {"batch_size": "auto", "device": "cpu", "precision": "auto", "channels_last": "auto"}
-    return parse_section(evaluate.EvaluateParams, raw | changes)
-
-
-def test_auto_settings_follow_the_train_stage_rules() -> None:
-    auto = evaluate.resolve_settings(evaluate_params(), CPU)
-    expected = "bf16" if cpu_has_amx() else "fp32"  # as train.precision: auto
-    assert (auto.precision, auto.channels_last, auto.batch_size) == (expected, True, 64)
-    assert auto.describe() == (
-        f"device cpu, precision {expected}, channels_last True, batch_size 64"
-    )
-    forced = evaluate.resolve_settings(
-        evaluate_params(precision="fp32", channels_last=False, batch_size=7), CPU
-    )
-    assert (forced.precision, forced.channels_last, forced.batch_size) == ("fp32", False, 7)
-
-
 def test_inference_in_each_precision_and_layout_agrees_with_plain_fp32() -> None:
     torch.manual_seed(0)
     net = resnet18(width=4).eval()
@@ -96,7 +78,7 @@ def test_inference_in_each_precision_and_layout_agrees_with_plain_fp32() -> None
         layer1_inputs.append("nhwc" if nhwc else "nchw" if x.is_contiguous() else "other")
 
     net.layer1.register_forward_pre_hook(record_layout)
-    plain = evaluate.Settings(CPU, "fp32", False, 8)
+    plain = Settings(CPU, "fp32", False, 8)
     reference = evaluate.inference_logits(net, images, stats, plain)
     assert reference.dtype == torch.float32 and reference.shape == (37, 10)
     # the same as one plain forward pass: batching and normalisation change nothing
@@ -108,7 +90,7 @@ def test_inference_in_each_precision_and_layout_agrees_with_plain_fp32() -> None
         ("bf16", False, 0.1),  # bf16 keeps 8 bits of mantissa: logits agree to ~1%
         ("bf16", True, 0.1),
     ):
-        settings = evaluate.Settings(CPU, precision, channels_last, 8)
+        settings = Settings(CPU, precision, channels_last, 8)
         logits = evaluate.inference_logits(net, images, stats, settings)
         assert logits.dtype == torch.float32 and logits.device == CPU
         scale = reference.abs().max().item()
@@ -129,11 +111,8 @@ def test_main_evaluates_the_saved_model_on_the_test_split(
     settings = {"device": "cpu", "precision": "fp32", "channels_last": False, "batch_size": 16}
     write_params(tmp_path, {"evaluate": settings})
     paths = load_paths(tmp_path / "params.yaml")
-    torch.manual_seed(0)
-    net = resnet18(width=4)
+    net = save_untrained_model(tmp_path / paths.model)
     stats = {"mean": 0.13, "std": 0.31}
-    saved = {"state_dict": net.state_dict(), "params": {"model": {"width": 4}}, "stats": stats}
-    save_torch(saved, tmp_path / paths.model)
     processed = tmp_path / paths.processed
     processed.mkdir(parents=True)
     split = {
@@ -148,10 +127,10 @@ def test_main_evaluates_the_saved_model_on_the_test_split(
     monkeypatch.chdir(tmp_path)
     evaluate.main()
 
-    plain = evaluate.Settings(CPU, "fp32", False, 16)
+    plain = Settings(CPU, "fp32", False, 16)
     test = split["test"]
     expected = evaluate.evaluate(
-        evaluate.inference_logits(net.eval(), test["images"], stats, plain), test["labels"]
+        evaluate.inference_logits(net, test["images"], stats, plain), test["labels"]
     )
     report = tmp_path / paths.eval_report
     metrics = json.loads((report / "metrics.json").read_text())

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
-from model import normalise, predict_logits, resnet18
+from conftest import save_untrained_model
 from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.files import save_torch
+from pipeline.model import load_model, normalise, predict_logits, resnet18
 
 
 def test_parameter_count_at_width_64() -> None:
@@ -116,3 +122,42 @@ def test_predict_logits_uses_running_statistics_and_leaves_them() -> None:
     torch.testing.assert_close(logits, expected)
     for key, value in net.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_the_saved_model_loads_as_it_was_saved(tmp_path: Path) -> None:
+    """save_model writes the weights with the params that made them and the stats its
+    inputs need; load_model gives back the same network, in eval mode, on the device."""
+    net = save_untrained_model(tmp_path / "model.pt", width=4, seed=3)
+    loaded, saved = load_model(tmp_path / "model.pt", torch.device("cpu"))
+    assert not loaded.training
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    assert saved["params"]["model"] == {"width": 4}
+    assert saved["params"]["train"]["epochs"] == 3 and saved["stats"] == {"mean": 0.13, "std": 0.31}
+    assert set(saved) == {"state_dict", "params", "stats"}
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "an empty file"),
+        (b"train:\n  lr: 0.1\n", "not a file that torch.save writes"),  # params.yaml
+        (b"PK\x03\x04 cut short", "not a file that torch.save writes"),
+    ],
+)
+def test_a_file_that_is_not_a_model_is_named_in_one_line(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError) as error:
+        load_model(path, torch.device("cpu"))
+    assert str(error.value) == f"{path} is not a model that src/train.py wrote ({reason})"
+
+
+def test_a_tensor_file_that_is_not_a_model_says_what_it_lacks(tmp_path: Path) -> None:
+    save_torch({"images": torch.zeros(2)}, tmp_path / "test.pt")
+    with pytest.raises(PipelineError, match=r"test.pt is not a model .*\(no 'params' in it\)"):
+        load_model(tmp_path / "test.pt", torch.device("cpu"))
+    with pytest.raises(PipelineError, match="missing.pt not found"):
+        load_model(tmp_path / "missing.pt", torch.device("cpu"))

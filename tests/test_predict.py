@@ -25,7 +25,6 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, committed_params_text, run_cmd
-from model import resnet18
 from PIL import Image
 
 import download
@@ -36,6 +35,7 @@ import train
 from pipeline.errors import PipelineError
 from pipeline.files import save_torch
 from pipeline.mnist import RAW_FILES
+from pipeline.model import resnet18
 from pipeline.params import parse_section
 
 CPU = torch.device("cpu")

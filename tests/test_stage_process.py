@@ -22,8 +22,8 @@ from conftest import (
     write_processed,
 )
 
-from pipeline import process
 from pipeline.errors import PipelineError
+from pipeline.locks import stage_lock
 
 # A stand-in stage: runs under process.run like every stage, says it started, and
 # records that its `finally` ran (the atomic writes' clean-up runs there).
@@ -118,8 +118,8 @@ def test_a_second_holder_of_a_stage_lock_is_refused_naming_the_first(tmp_path: P
             textwrap.dedent(f"""
                 import sys, time
                 sys.path.insert(0, {str(ROOT / "src")!r})
-                import process
-                with process.exclusive("train", {str(tmp_path)!r}):
+                from pipeline.locks import stage_lock
+                with stage_lock("train", {str(tmp_path)!r}):
                     print("held", flush=True)
                     time.sleep(600)
             """),
@@ -129,15 +129,15 @@ def test_a_second_holder_of_a_stage_lock_is_refused_naming_the_first(tmp_path: P
     )
     try:
         assert holder.stdout.readline() == "held\n"
-        with pytest.raises(PipelineError) as error, process.exclusive("train", tmp_path):
+        with pytest.raises(PipelineError) as error, stage_lock("train", tmp_path):
             pass
         assert f"another run of the train stage (pid {holder.pid})" in str(error.value)
-        with process.exclusive("evaluate", tmp_path):  # another stage: its own lock
+        with stage_lock("evaluate", tmp_path):  # another stage: its own lock
             pass
     finally:
         holder.kill()  # the operating system releases the lock of a killed holder
         holder.wait()
-    with process.exclusive("train", tmp_path):
+    with stage_lock("train", tmp_path):
         assert (tmp_path / "train.lock").read_text() == f"{os.getpid()}\n"
 
 

@@ -205,14 +205,15 @@ def test_checkpoint_is_complete_and_loads_weights_only(tmp_path: Path) -> None:
 
 
 def interrupted_at(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None:
-    """Make the next run stop (as Ctrl-C stops it) right after it saved the checkpoint
-    of `epoch` with `step` steps done inside it."""
+    """Make the next run save its checkpoint once, with `step` steps of `epoch` done,
+    and stop there as Ctrl-C stops it (checkpoints due at every step, none written
+    before: each would cost a write)."""
     real_save = Checkpoint.save
 
     def save(self: Checkpoint, state: object) -> None:
-        real_save(self, state)
         partial = state.in_progress
         if partial and (partial.epoch, partial.step) == (epoch, step):
+            real_save(self, state)
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Checkpoint, "save", save)
@@ -229,9 +230,10 @@ def test_resume_after_interruption_gives_identical_weights_and_figures(
     tmp_path: Path, where: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """An interrupted run, resumed, ends with the weights and per-epoch figures of one
-    never interrupted: stopped after an epoch's checkpoint, or inside an epoch (a
-    checkpoint after every step: checkpoint_minutes tiny), at step 3 of 8."""
-    params = tiny_params(checkpoint_minutes=1e-9)
+    never interrupted: stopped after an epoch's checkpoint, or inside an epoch at step
+    3 of 8 (checkpoint_minutes tiny: due at every step). Resumed with the default
+    checkpoint_minutes: a scheduling param, so the same run."""
+    params = tiny_params()
     straight, straight_records = run_fit(params, None)
     checkpoint = tmp_path / "ckpt.pt"
     if where == "after epoch 1":
@@ -241,11 +243,11 @@ def test_resume_after_interruption_gives_identical_weights_and_figures(
         with monkeypatch.context() as patch:
             interrupted_at(patch, epoch=2, step=3)
             with pytest.raises(KeyboardInterrupt):
-                run_fit(params, checkpoint)
+                run_fit(dataclasses.replace(params, checkpoint_minutes=1e-9), checkpoint)
         assert load_torch(checkpoint)["in_progress"]["step"] == 3
         expected = f"resuming from {checkpoint} at epoch 2/3, step 3/8"
     capsys.readouterr()
-    resumed, resumed_records = run_fit(params, checkpoint)
+    resumed, resumed_records = run_fit(params, checkpoint)  # the same run: other minutes
     assert expected in capsys.readouterr().out.splitlines()
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
