@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, save_untrained_model
 from dvc_render.vega import VegaRenderer
 
 import plot
@@ -105,9 +105,7 @@ def write_stage_inputs(root: Path) -> None:
     (root / "data/processed/stats.json").write_text(json.dumps({"train_size": 400}))
     images = torch.zeros((107, 1, 32, 32), dtype=torch.uint8)
     save_torch({"images": images, "labels": torch.zeros(107)}, root / "data/processed/test.pt")
-    (root / "models").mkdir()
-    params = {"model": {"width": 4}, "train": {"epochs": 2, "batch_size": 50, "lr": 0.1}}
-    save_torch({"state_dict": {}, "params": params}, root / "models/model.pt")
+    save_untrained_model(root / "models/model.pt")  # width 4, 3 epochs, lr 0.05, batch 32
 
 
 def png_chunks(data: bytes) -> list[bytes]:
@@ -142,7 +140,7 @@ def test_every_figure_names_its_run(tmp_path: Path) -> None:
         tmp_path / "reports/eval/metrics.json",
     )
     assert label == (
-        "width 4 · 2 epochs · lr 0.1 · batch 50 · 400 training images · "
+        "width 4 · 3 epochs · lr 0.05 · batch 32 · 400 training images · "
         "test accuracy 93.46% (7 errors in 107)"
     )
     history = pd.DataFrame(
@@ -173,7 +171,7 @@ def test_every_figure_names_its_run(tmp_path: Path) -> None:
         ("reports/eval/metrics.json", "{", "metrics.json is not valid JSON"),
         ("data/processed/stats.json", "{}", "stats.json has no 'train_size'"),
         ("models/model.pt", None, "models/model.pt not found"),
-        ("models/model.pt", {"state_dict": {}}, "model.pt has no 'params'"),
+        ("models/model.pt", {"state_dict": {}}, "model.pt is not a model that src/train.py wrote"),
     ],
 )
 def test_missing_or_bad_inputs_are_named(

@@ -11,7 +11,6 @@ of it training the model (20 s when that ran alone).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -34,9 +33,11 @@ import preprocess
 import train
 from pipeline.errors import PipelineError
 from pipeline.files import save_torch
+from pipeline.loop import Data, Run, fit
 from pipeline.mnist import RAW_FILES
-from pipeline.model import resnet18
+from pipeline.model import load_model, resnet18, save_model
 from pipeline.params import parse_section
+from pipeline.settings import inference_settings, training_settings
 
 CPU = torch.device("cpu")
 TRAIN_IMAGES = 4000  # real MNIST training images for the fixture's model (stratified)
@@ -70,19 +71,14 @@ def model_file(mnist: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     splits = preprocess.make_splits(mnist["train"], mnist["test"], limits)
     (train_x, train_y), (val_x, val_y) = (splits[s].values() for s in ("train", "val"))
     mean, std = preprocess.normalisation_stats(train_x)
-    data = train.Data(train_x, train_y, val_x, val_y, mean, std)
+    data = Data(train_x, train_y, val_x, val_y, mean, std)
     torch.manual_seed(p.seed)
     net = resnet18(width=WIDTH)
     out = tmp_path_factory.mktemp("model")
-    settings = train.resolve_settings(p, CPU)
-    records = list(train.fit(net, data, p, settings, out / "checkpoint.pt", "predict-test"))
+    records = list(fit(net, data, Run(p, training_settings(p, CPU))))
     print(f"fixture model: validation accuracy {records[-1]['val/acc']:.4f}")
-    saved = {
-        "state_dict": net.state_dict(),
-        "params": {"model": {"width": WIDTH}, "train": dataclasses.asdict(p)},
-        "stats": {"mean": mean, "std": std},
-    }
-    save_torch(saved, out / "model.pt")
+    params = {"model": train.ModelParams(width=WIDTH), "train": p}
+    save_model(out / "model.pt", net, params, {"mean": mean, "std": std})
     return out / "model.pt"
 
 
@@ -248,9 +244,10 @@ def test_real_mnist_digits_as_image_files_agree_with_the_evaluate_stage(
     mnist: dict, model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     images, labels = mnist["test"][0][:TEST_DIGITS], mnist["test"][1][:TEST_DIGITS]
-    net, saved = evaluate.load_model(model_file, CPU)
-    committed = yaml.safe_load(committed_params_text())["evaluate"] | {"device": "cpu"}
-    settings = evaluate.resolve_settings(parse_section(evaluate.EvaluateParams, committed), CPU)
+    net, saved = load_model(model_file, CPU)
+    committed = yaml.safe_load(committed_params_text())["evaluate"]
+    p = parse_section(evaluate.EvaluateParams, committed)
+    settings = inference_settings(CPU, p.precision, p.channels_last, p.batch_size)
     logits = evaluate.inference_logits(net, preprocess.resize(images), saved["stats"], settings)
     chance, expected = (t.numpy() for t in logits.softmax(1).max(1))  # the evaluate stage's
 
@@ -305,7 +302,7 @@ def test_each_bad_file_gets_its_error_and_the_others_are_predicted(
         f"error: {missing}: no such file",
         f"error: {text}: not an image (no format that Pillow reads)",
         f"error: {blank}: blank image: no digit (contrast 0.0%, below 5%)",
-        f"error: {empty}: not an image (no format that Pillow reads)",
+        f"error: {empty}: empty file (0 bytes)",
         f"error: {tmp_path}: is a directory, not an image file",
     ]
 
@@ -329,8 +326,15 @@ def test_json_lists_every_file_with_top3_or_error(
 
 def test_missing_or_broken_model_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "models" / "model.pt"
-    with pytest.raises(PipelineError, match=rf"^{missing} not found: run `dvc repro` \(or"):
+    with pytest.raises(PipelineError, match=rf"^{missing} not found: for a first model in about"):
         predict.main(["digit.png", "--model", str(missing)])
+    text = tmp_path / "params.yaml"
+    text.write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(PipelineError) as error:
+        predict.main(["digit.png", "--model", str(text)])
+    assert str(error.value) == (
+        f"{text} is not a model that src/train.py wrote (not a file that torch.save writes)"
+    )
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(PipelineError, match=rf"^{broken} is not a model that src/train.py wrote"):
@@ -358,7 +362,9 @@ def test_command_line_end_to_end(model_file: Path, tmp_path: Path) -> None:
     absent = tmp_path / "absent.pt"
     done = run_cmd([sys.executable, script, "d.png", "--model", str(absent)], tmp_path, check=False)
     assert done.returncode == 1 and done.stdout == ""
-    assert done.stderr == f"error: {absent} not found: run `dvc repro` (or `dvc pull`) first\n"
+    [line] = done.stderr.splitlines()  # one line, the fastest way to a model on this machine
+    assert line.startswith(f"error: {absent} not found: for a first model in about a minute")
+    assert f"`{predict.QUICK_EXPERIMENT}`" in line
 
 
 def test_a_reader_that_leaves_early_gets_no_traceback(model_file: Path, tmp_path: Path) -> None:
@@ -372,3 +378,23 @@ def test_a_reader_that_leaves_early_gets_no_traceback(model_file: Path, tmp_path
             [*script, "d.png"], cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE, text=True
         )
     assert (done.returncode, done.stderr) == (1, "")
+
+
+def test_the_way_to_a_model_fits_the_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a model: the quick experiment on a CPU, the defaults on a GPU, `dvc pull`
+    once a DVC remote is configured (as `dvc remote add` writes it)."""
+    monkeypatch.chdir(tmp_path)
+    on_cpu = predict.how_to_get_a_model(torch.device("cpu"))
+    assert on_cpu.startswith("for a first model in about a minute on this CPU run the quick")
+    assert f"`{predict.QUICK_EXPERIMENT}` (98.9% test accuracy)" in on_cpu
+    assert predict.how_to_get_a_model(
+        torch.device("cuda")
+    ) == "`dvc repro` trains it: about a minute on a GPU"
+    run_cmd([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], tmp_path)
+    assert not predict.has_dvc_remote()
+    run_cmd([sys.executable, "-m", "dvc", "remote", "add", "-d", "team", "s3://b/p"], tmp_path)
+    assert predict.how_to_get_a_model(torch.device("cpu")) == (
+        "`dvc pull` fetches the team's trained model from the DVC remote"
+    )

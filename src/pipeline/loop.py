@@ -110,7 +110,7 @@ def resume(state: TrainingState, run: Run, steps: int) -> None:
         saved = run.checkpoint.read()
     saved = distributed.from_main(saved)
     if saved is None:
-        if run.world.main:
+        if run.checkpoint and run.world.main:  # a run that keeps none (bench) says nothing
             say(f"training from the start: {run.p.epochs} epochs of {steps} steps")
         return
     state.restore(saved)
