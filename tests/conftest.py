@@ -26,6 +26,17 @@ from pipeline import process
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """In each of several test processes (pytest-xdist) torch takes one thread, and so do
+    the processes the tests start: two processes with two threads each would fight over
+    two cores (OpenMP threads spin while they wait) and run slower than one."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def committed_params_text() -> str:
     """params.yaml as committed: `dvc exp run -S ...` leaves the workspace's copy holding
     the experiment's values, which are not the project's defaults."""
@@ -249,11 +260,10 @@ def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
         time.sleep(0.01)
 
 
-def run_cmd(
-    args: list[str], cwd: Path, check: bool = True, **env: str
-) -> subprocess.CompletedProcess:
-    """Run a command with this interpreter's bin/ first on PATH (so `python`, `dvc` are ours)."""
-    full_env = (
+def command_env(**env: str) -> dict[str, str]:
+    """The environment of a command a test runs: this interpreter's bin/ first on PATH
+    (so `python` and `dvc` are ours, activated or not), no DVC analytics, a git author."""
+    return (
         os.environ
         | {
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -265,7 +275,13 @@ def run_cmd(
         }
         | env
     )
-    result = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True)
+
+
+def run_cmd(
+    args: list[str], cwd: Path, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
+    """Run a command in command_env(); by default fail the test if it fails."""
+    result = subprocess.run(args, cwd=cwd, env=command_env(**env), capture_output=True, text=True)
     if check and result.returncode != 0:
         output = f"{result.stdout}\n{result.stderr}"
         raise AssertionError(f"{args} failed ({result.returncode}):\n{output}")

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from conftest import (
+    command_env,
     init_repo,
     make_project,
     processes_running,
@@ -25,6 +26,8 @@ from conftest import (
     wait_until,
     write_params,
 )
+
+from pipeline.checkpoint import RUN_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -251,7 +254,7 @@ def test_interrupted_training_resumes_to_the_same_model(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=os.environ | {"MNIST_MIRROR": mnist_mirror, "PYTHONUNBUFFERED": "1"},
+        env=command_env(MNIST_MIRROR=mnist_mirror, PYTHONUNBUFFERED="1"),
         # Ctrl-C as in a terminal, even where pytest itself runs with SIGINT ignored (`&`)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -293,7 +296,8 @@ def test_interrupted_training_resumes_to_the_same_model(
         assert re.fullmatch(
             rf"resuming from {checkpoint.relative_to(project)} at epoch [23]/4, step 0/20", line
         )
-    assert list(checkpoints.glob("[0-9a-f]*[0-9a-f].pt")) == []  # deleted once its run completed
+    runs = [c for c in checkpoints.glob("*.pt") if RUN_FILE.fullmatch(c.name)]
+    assert runs == []  # deleted once its run completed
     loss = (project / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in loss[1:]] == ["1", "2", "3", "4"]
     # the same as a run that was never interrupted (CPU, same seed)

@@ -389,9 +389,10 @@ def test_the_way_to_a_model_fits_the_machine(
     on_cpu = predict.how_to_get_a_model(torch.device("cpu"))
     assert on_cpu.startswith("for a first model in about a minute on this CPU run the quick")
     assert f"`{predict.QUICK_EXPERIMENT}` (98.9% test accuracy)" in on_cpu
-    assert predict.how_to_get_a_model(
-        torch.device("cuda")
-    ) == "`dvc repro` trains it: about a minute on a GPU"
+    assert (
+        predict.how_to_get_a_model(torch.device("cuda"))
+        == "`dvc repro` trains it: about a minute on a GPU"
+    )
     run_cmd([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], tmp_path)
     assert not predict.has_dvc_remote()
     run_cmd([sys.executable, "-m", "dvc", "remote", "add", "-d", "team", "s3://b/p"], tmp_path)
