@@ -122,6 +122,20 @@ def test_least_permission() -> None:
     assert secrets == {"GITHUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
+def test_actions_are_pinned() -> None:
+    """GitHub's own actions by major version at least; any other by its commit, as a
+    tag can be moved to other code."""
+    files = [*WORKFLOWS, *ACTIONS]
+    used = {m for p in files for m in re.findall(r"uses: *([^\s#]+)", p.read_text())}
+    assert used
+    for action in used:
+        name, _, ref = action.partition("@")
+        if name.startswith("./"):
+            continue
+        pattern = r"v\d+(\.\d+)*" if name.startswith("actions/") else r"[0-9a-f]{40}"
+        assert re.fullmatch(pattern, ref), action
+
+
 def test_the_test_workflow_runs_the_readme_commands() -> None:
     readme = (ROOT / "README.md").read_text()
     steps = load(ROOT / ".github/workflows/test.yml")["jobs"]["test"]["steps"]
