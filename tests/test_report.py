@@ -175,6 +175,32 @@ def test_output_folder_replaces_only_an_earlier_report(tmp_path: Path) -> None:
         report.write_report(first, tmp_path / "file")
 
 
+def test_revisions_are_git_names_then_experiment_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An experiment is found by its name under refs/exps (as DVC keeps it); a git name
+    comes first; a name two experiments share is refused."""
+    monkeypatch.chdir(tmp_path)
+    run_cmd(["git", "init", "-q"], cwd=tmp_path)
+    for message in ("one", "two"):
+        run_cmd(["git", "commit", "-q", "--allow-empty", "-m", message], cwd=tmp_path)
+    one, two = (git(tmp_path, "rev-parse", rev) for rev in ("HEAD~1", "HEAD"))
+    run_cmd(["git", "update-ref", f"refs/exps/{two[:2]}/{two[2:]}/tidy-dogs", one], cwd=tmp_path)
+    assert report.resolve("tidy-dogs") == Revision("tidy-dogs", one)
+    assert report.resolve("tidy-dogs").label == f"tidy-dogs ({one[:7]})"
+    assert report.resolve("HEAD~1") == Revision("HEAD~1", one)
+    assert report.resolve(one[:9]).label == one[:7]
+    assert report.resolve("workspace") == Revision("workspace", None)
+    run_cmd(["git", "branch", "tidy-dogs", two], cwd=tmp_path)
+    assert report.resolve("tidy-dogs").sha == two  # the branch
+    run_cmd(["git", "branch", "-D", "tidy-dogs"], cwd=tmp_path)
+    run_cmd(["git", "update-ref", f"refs/exps/{one[:2]}/{one[2:]}/tidy-dogs", two], cwd=tmp_path)
+    with pytest.raises(PipelineError, match="'tidy-dogs' is ambiguous: 2 DVC experiments"):
+        report.resolve("tidy-dogs")
+    with pytest.raises(PipelineError, match="unknown revision 'nope'"):
+        report.resolve("nope")
+
+
 def test_outside_a_dvc_project_it_says_so(tmp_path: Path) -> None:
     result = run_report(tmp_path, check=False)
     assert result.returncode == 1
