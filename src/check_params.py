@@ -14,6 +14,9 @@ Outputs: `paths.params_check`, a file whose content never changes, so that a
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +92,27 @@ def check_document(document: Any) -> dict[str, Any]:
     return parsed
 
 
+def make_visible_to_git(path: Path) -> None:
+    """Give `path` a modification time in a later second than its last write, so that
+    git sees it changed. `dvc exp run -S key=value` resets params.yaml, refreshing its
+    entry in git's index, and writes the new value within the same second, often at the
+    same size (`lr: 0.2` -> `lr: abc`); git, which compares whole seconds and sizes,
+    then takes the file for unchanged: `git status` shows nothing and `git checkout
+    params.yaml` does nothing, so a refused value stayed in place (docs/faults.md)."""
+    wait = math.floor(path.stat().st_mtime) + 1 - time.time()
+    if wait > 0:
+        time.sleep(wait)
+    os.utime(path)
+
+
 def main() -> None:
-    parsed = check_document(read_params_file())
+    try:
+        document = read_params_file()
+        parsed = check_document(document)
+    except PipelineError:
+        if PARAMS_FILE.exists():
+            make_visible_to_git(PARAMS_FILE)
+        raise
     output = Path(parsed["paths"].params_check)
     with atomic_path(output) as tmp:
         tmp.write_text(CHECKED)

@@ -45,8 +45,10 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from common import PARAMS_FILE, PipelineError, atomic_path
-from process import run
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_path
+from pipeline.params import PARAMS_FILE
+from pipeline.process import run
 
 WORKSPACE = "workspace"  # DVC's name for the files as they are now
 REPORT = "report.md"

@@ -3,6 +3,7 @@ mirror from MNIST_MIRROR, and a throw-away copy of the project for CLI tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -311,6 +312,36 @@ def init_repo(project: Path) -> None:
     shutil.copytree(ROOT / ".dvc/plots", project / ".dvc/plots")
     run_cmd(["git", "add", "-A"], cwd=project)
     run_cmd(["git", "commit", "-qm", "project"], cwd=project)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyRepo:
+    """A git and DVC repository of the project with the tiny params, on real MNIST."""
+
+    path: Path
+    first_repro: str  # what `dvc repro` printed from nothing
+    second_repro: str  # and right after, with nothing changed
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: str) -> TinyRepo:
+    """`dvc repro` from nothing, run once per test process and committed on `main` (the
+    baseline): what a clone holds once pulled. Tests change copies of it (copy_repo)."""
+    project = make_project(tmp_path_factory.mktemp("tiny") / "project")
+    init_repo(project)
+    run_cmd(["git", "branch", "-M", "main"], cwd=project)
+    dvc = [sys.executable, "-m", "dvc", "repro"]
+    first = run_cmd(dvc, cwd=project, MNIST_MIRROR=mnist_mirror)
+    second = run_cmd(dvc, cwd=project, MNIST_MIRROR=mnist_mirror)
+    run_cmd(["git", "add", "-A"], cwd=project)
+    run_cmd(["git", "commit", "-qm", "baseline"], cwd=project)
+    return TinyRepo(project, first.stdout + first.stderr, second.stdout + second.stderr)
+
+
+def copy_repo(source: Path, dest: Path) -> Path:
+    """A copy of a repository with its workspace and DVC cache, as if made there."""
+    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))
+    return dest
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT, init_repo, make_project, run_cmd
 
 import report
-from common import PipelineError
+from pipeline.errors import PipelineError
 from report import Change, Revision
 
 # --------------------------------------------------------------------------- parts
