@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -30,10 +29,9 @@ from torch import nn
 
 from pipeline import distributed, gpus, locks
 from pipeline.checkpoint import Checkpoint
-from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, load_torch
 from pipeline.identity import run_id, stage_code, training_recipe
-from pipeline.loop import Data, Run, fit, seed_everything
+from pipeline.loop import Data, Run, fit, out_of_memory_named, seed_everything
 from pipeline.model import resnet18, save_model
 from pipeline.params import Auto, Paths, check, load_params, load_paths
 from pipeline.process import interrupts_deferred, run
@@ -43,7 +41,6 @@ from pipeline.settings import (
     Precision,
     Settings,
     pick_device,
-    resolve_processes,
     training_settings,
 )
 
@@ -140,18 +137,6 @@ def log_epoch(live: Live, record: dict[str, float], epochs: int) -> None:
     )
 
 
-def out_of_memory_named(records: Iterator[dict], run: Run) -> Iterator[dict]:
-    """`records`, with running out of device memory (on any process) made one clear error."""
-    try:
-        yield from records
-    except torch.OutOfMemoryError:
-        raise PipelineError(
-            f"out of memory on {run.settings.device} with train.batch_size = "
-            f"{run.p.batch_size} (train.eval_batch_size = {run.settings.eval_batch_size}): "
-            "try smaller ones"
-        ) from None
-
-
 def train_and_report(
     model_p: ModelParams, net: nn.Module, data: Data, run: Run, paths: Paths
 ) -> None:
@@ -193,22 +178,6 @@ def describe(model_p: ModelParams, net: nn.Module, data: Data, run: Run) -> str:
     )
 
 
-def launch_if_several(p: TrainParams, device: torch.device) -> bool:
-    """With several processes to start (train.processes) and none started yet, start
-    them as workers of this script, claim their GPUs, wait for them; True if it did."""
-    if distributed.world_from_env() is not None:  # a worker already (ours or torchrun's)
-        return False
-    gpu_count = torch.cuda.device_count() if device.type == "cuda" else 0
-    processes = resolve_processes(p.processes, gpu_count, p.batch_size)
-    if processes == 1:
-        return False
-    claimed = gpus.claim_for_workers(processes, device)
-    where = f"GPUs {', '.join(claimed)} (NCCL)" if claimed else "the CPU (Gloo)"
-    say(f"starting {processes} training processes on {where}")
-    distributed.launch(processes, __file__, claimed)
-    return True
-
-
 def checkpoint_of_run(
     model_p: ModelParams, p: TrainParams, settings: Settings, processes: int, paths: Paths
 ) -> Checkpoint:
@@ -224,7 +193,7 @@ def main() -> None:
     model_p, p = load_params(ModelParams), load_params(TrainParams)
     paths = load_paths()
     device = pick_device(p.device)
-    if launch_if_several(p, device):
+    if distributed.launch_if_several(p.processes, p.batch_size, device, __file__):
         return
     world = distributed.world_from_env() or distributed.ONE_PROCESS
     device = gpus.training_device(device, world.local_rank)

@@ -43,7 +43,7 @@ from pipeline.distributed import STOP_SIGNALS
 from pipeline.errors import PipelineError
 from pipeline.files import load_torch
 from pipeline.identity import training_recipe
-from pipeline.loop import Run, fit, seed_everything
+from pipeline.loop import Run, fit, out_of_memory_named, seed_everything
 from pipeline.model import resnet18
 from pipeline.params import load_params
 from pipeline.settings import Settings, training_settings
@@ -273,6 +273,9 @@ def stderr_logs(tmp_path: Path, stderr: dict[int, str]) -> Path:
 
 LOST = "Traceback (most recent call last):\n...\nRuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5302\n"  # noqa: E501
 OOM = "Traceback (most recent call last):\n...\ntorch.OutOfMemoryError: CUDA out of memory.\n"
+# NCCL's words for a peer that is gone, and for an error of this rank's own GPU
+NCCL_LOST = "Traceback (most recent call last):\n...\ntorch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:2027, remote process exited or there was a network error, NCCL version 2.27.5\nncclRemoteError: A call failed possibly due to a network error or a remote process exiting prematurely.\n"  # noqa: E501
+NCCL_OWN = "Traceback (most recent call last):\n...\ntorch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:2027, unhandled cuda error (run with NCCL_DEBUG=INFO for details), NCCL version 2.27.5\nncclUnhandledCudaError: Call to CUDA function failed.\n"  # noqa: E501
 
 
 @pytest.mark.parametrize(
@@ -288,6 +291,8 @@ OOM = "Traceback (most recent call last):\n...\ntorch.OutOfMemoryError: CUDA out
         ({0: 130, 1: 1}, {0: "interrupted\n", 1: ""}, 1),  # 1 exited silently
         ({0: 1, 1: -15}, {0: "", 1: ""}, 0),  # 1 stopped before its handler was set
         ({0: 1, 1: 1}, {0: LOST, 1: LOST}, 0),  # no evidence either way: the lower
+        ({0: 1, 1: -9}, {0: NCCL_LOST, 1: ""}, 1),  # NCCL: its peer is gone
+        ({0: -9, 1: 1}, {0: "", 1: NCCL_OWN}, 1),  # an NCCL error of its own: a cause
     ],
 )
 def test_the_failure_named_is_the_cause_not_a_consequence(
@@ -302,7 +307,7 @@ def test_out_of_memory_on_any_process_is_one_clear_error() -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     p = tiny_train_params(batch_size=50)
-    named = train.out_of_memory_named(records(), Run(p, training_settings(p, torch.device("cpu"))))
+    named = out_of_memory_named(records(), Run(p, training_settings(p, torch.device("cpu"))))
     assert next(named) == {"epoch": 1}
     with pytest.raises(PipelineError, match=r"^out of memory on cpu with train.batch_size = 50 "):
         next(named)

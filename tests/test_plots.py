@@ -71,6 +71,31 @@ def test_epoch_ticks_are_whole_numbers() -> None:
         assert shown == ["1", "2", "3"]
 
 
+def test_late_epochs_are_not_squashed_on_the_accuracy_axis() -> None:
+    """Epoch 1 at 60%, then 99% and 99.5%: on a linear axis from 60% to 100% the last
+    two lie 1.25% of its height apart; on the log scale of the error, ten times that.
+    Higher accuracy is higher up, and the ticks read as accuracies."""
+    history = pd.DataFrame(
+        {"train/loss": [1.0, 0.2, 0.1], "val/loss": [1.1, 0.3, 0.2]}
+        | {"train/acc": [0.6, 0.99, 0.995], "val/acc": [0.62, 0.989, 0.994]},
+        index=pd.Index([1, 2, 3], name="step"),
+    )
+    fig = plot.training_curves(history, LABEL)
+    fig.canvas.draw()
+    ax = fig.axes[1]
+    train = ax.get_lines()[0]
+    _, y = ax.transData.transform(train.get_xydata()).T  # display pixels, up is larger
+    height = ax.get_window_extent().height
+    assert y[2] > y[1] > y[0]  # better accuracy is higher up
+    assert (y[2] - y[1]) / height > 0.1  # measured: 0.13
+    labels = {t.get_text() for t in ax.get_yticklabels()}
+    assert {"99", "99.5"} <= labels and ax.get_ylabel() == "accuracy (%)"
+    perfect = history.assign(**{"train/acc": [0.6, 0.99, 1.0]})  # 100%: drawn at the floor
+    assert np.isfinite(
+        plot.training_curves(perfect, LABEL).axes[1].get_lines()[0].get_ydata()
+    ).all()
+
+
 def test_per_class_axis_is_fixed_and_marks_classes_below_it() -> None:
     good = plot.per_class_accuracy(per_class_table([99.0 + c / 10 for c in range(10)]), LABEL)
     mixed = per_class_table([99.5] * 9 + [62.5])
@@ -250,5 +275,12 @@ def test_every_declared_plot_fills_its_template() -> None:
     for name in ("Loss per epoch", "Accuracy per epoch", "Learning rate"):
         axis = specs[name]["encoding"]["x"]["axis"]
         assert axis["format"] == "d" and "span(domain('x'))" in axis["tickCount"]["expr"], name
+    # accuracy on a log scale of the error, best at the top, labelled in accuracy
+    accuracy = specs["Accuracy per epoch"]
+    error = next(t for t in accuracy["transform"] if "error" in t["as"])
+    assert error["calculate"] == "100 * max(1 - datum['acc'], 0.0001)"
+    assert accuracy["encoding"]["y"]["field"] == error["as"]
+    assert accuracy["encoding"]["y"]["scale"] == {"type": "log", "reverse": True}
+    assert "100 - datum.value" in accuracy["encoding"]["y"]["axis"]["labelExpr"]
     confusion = plots["Confusion matrix (test)"]
     assert confusion["x"] == "predicted" and set(confusion["y"].values()) == {"actual"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, init_repo, make_project, run_cmd
+from conftest import ROOT, TinyRepo, copy_repo, run_cmd
 
 import report
 from pipeline.errors import PipelineError
@@ -244,16 +244,11 @@ def experiment_commit(project: Path, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: str) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_repo: TinyRepo) -> Path:
     """A repository of the project with the tiny params and two real runs: `main`, with
     train.lr as committed, and the experiment EXP, train.lr doubled, which is applied to
     the workspace (as `dvc exp run` leaves it)."""
-    project = make_project(tmp_path_factory.mktemp("report") / "project")
-    init_repo(project)
-    run_cmd(["git", "branch", "-M", "main"], cwd=project)
-    dvc(project, "repro", MNIST_MIRROR=mnist_mirror)
-    run_cmd(["git", "add", "-A"], cwd=project)
-    run_cmd(["git", "commit", "-qm", "baseline"], cwd=project)
+    project = copy_repo(tiny_repo.path, tmp_path_factory.mktemp("report") / "project")
     dvc(project, "exp", "run", "--name", EXP, "-S", f"train.lr={HIGHER_LR}")
     return project
 

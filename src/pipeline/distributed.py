@@ -31,7 +31,10 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.errors import ERROR_PREFIX, EXIT_INTERRUPTED, PipelineError
+from pipeline.gpus import claim_for_workers
 from pipeline.locks import LAUNCHER_ENV
+from pipeline.progress import say
+from pipeline.settings import resolve_processes
 
 # The signals that stop a run; the launch API installs handlers for them.
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
@@ -142,6 +145,25 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
     finally:  # the launch API leaves its handlers installed
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def launch_if_several(
+    requested: int | str, batch_size: int, device: torch.device, script: str
+) -> bool:
+    """With several training processes wanted (`train.processes`) and none started yet,
+    claim their GPUs, start them as workers of `script` and wait for them: True if it
+    did. A worker already (ours, or torchrun's) or one process: False."""
+    if world_from_env() is not None:
+        return False
+    gpu_count = torch.cuda.device_count() if device.type == "cuda" else 0
+    processes = resolve_processes(requested, gpu_count, batch_size)
+    if processes == 1:
+        return False
+    claimed = claim_for_workers(processes, device)
+    where = f"GPUs {', '.join(claimed)} (NCCL)" if claimed else "the CPU (Gloo)"
+    say(f"starting {processes} training processes on {where}")
+    launch(processes, script, claimed)
+    return True
 
 
 def stderr_of(logs: Path, local_rank: int) -> str:

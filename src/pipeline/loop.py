@@ -266,3 +266,15 @@ def fit(net: nn.Module, data: Data, run: Run) -> Iterator[dict[str, float]]:
                 run.checkpoint.save(state)
             if run.world.main:
                 yield record
+
+
+def out_of_memory_named(records: Iterator[dict], run: Run) -> Iterator[dict]:
+    """`records`, with running out of device memory (on any process) made one clear error."""
+    try:
+        yield from records
+    except torch.OutOfMemoryError:
+        raise PipelineError(
+            f"out of memory on {run.settings.device} with train.batch_size = "
+            f"{run.p.batch_size} (train.eval_batch_size = {run.settings.eval_batch_size}): "
+            "try smaller ones"
+        ) from None
