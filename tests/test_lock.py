@@ -71,3 +71,17 @@ def test_the_locked_code_is_the_committed_code(dep: dict) -> None:
         f"{dep['path']} changed since the baseline in dvc.lock was run: the locked metrics "
         "no longer describe the committed code; run `dvc repro` and commit dvc.lock and reports/"
     )
+
+
+def test_the_lock_records_every_dependency_that_dvc_yaml_declares() -> None:
+    """A module added to a stage's deps (or removed) without the lock recording it would
+    leave the baseline standing for code it never ran with."""
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    paths = yaml.safe_load(committed_params_text())["paths"]
+    for name, stage in pipeline.items():
+        declared = set()
+        for dep in stage["deps"]:
+            for key, value in paths.items():
+                dep = dep.replace(f"${{paths.{key}}}", value)
+            declared.add(dep)
+        assert {dep["path"] for dep in LOCK[name]["deps"]} == declared, name
