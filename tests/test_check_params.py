@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import committed_params_text, run_cmd
 
 from check_params import CHECKED, check_document
+from pipeline import settings
 from pipeline.errors import PipelineError
 
 DEFAULTS = yaml.safe_load(committed_params_text())
@@ -85,3 +87,22 @@ def test_the_stage_writes_its_fixed_text_or_nothing(project: Path) -> None:
         "error: params.yaml: train.lr = -1.0 is not allowed: a number > 0"
     ]
     assert not output.exists()
+
+
+@pytest.mark.parametrize("key", ["train.device", "evaluate.device"])
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_a_device_this_machine_lacks_is_refused(
+    key: str, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused here, before DVC deletes the train or evaluate stage's outputs, naming
+    the key and what torch sees (a machine without CUDA or MPS is faked)."""
+    monkeypatch.setattr(settings, "available_devices", lambda: {"cuda": False, "mps": False})
+    section, name = key.split(".")
+    with pytest.raises(PipelineError) as error:
+        check_document(with_changes(section, **{name: device}))
+    assert str(error.value) == (
+        f"params.yaml: {key} = '{device}' is not allowed: torch {torch.__version__} sees no "
+        f"{device.upper()} device on this machine; use auto or cpu"
+    )
+    monkeypatch.setattr(settings, "available_devices", lambda: {"cuda": True, "mps": True})
+    assert getattr(check_document(with_changes(section, **{name: device}))[section], name) == device
