@@ -338,6 +338,21 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: str) -> Ti
     return TinyRepo(project, first.stdout + first.stderr, second.stdout + second.stderr)
 
 
+LOW_LR = "low-lr"  # the experiment of tiny_experiment
+LOW_LR_VALUE = 0.01
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tiny_repo: TinyRepo, tmp_path_factory: pytest.TempPathFactory) -> TinyRepo:
+    """tiny_repo with the experiment LOW_LR (`dvc exp run -S train.lr=0.01`) run and
+    applied to the workspace, as `dvc exp run` leaves it; first_repro is what it
+    printed. Tests change copies of it (copy_repo)."""
+    project = copy_repo(tiny_repo.path, tmp_path_factory.mktemp("experiment") / "project")
+    exp = [sys.executable, "-m", "dvc", "exp", "run", "-S", f"train.lr={LOW_LR_VALUE}"]
+    done = run_cmd([*exp, "-n", LOW_LR], cwd=project)
+    return TinyRepo(project, done.stdout + done.stderr, "")
+
+
 def copy_repo(source: Path, dest: Path) -> Path:
     """A copy of a repository with its workspace and DVC cache, as if made there."""
     shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("tmp"))

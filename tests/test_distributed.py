@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     TINY,
+    TinyRepo,
     alive,
-    init_repo,
+    copy_repo,
     make_project,
     processes_running,
     run_cmd,
@@ -235,11 +236,15 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
     workers = workers_of(run.pid)
     assert sorted(workers) == [0, 1]
     run.send_signal(signum)  # the launcher: dvc's kill reaches it, or it dies outright
-    run.communicate(timeout=60)
+    _, stderr = run.communicate(timeout=60)
     wait_until(lambda: processes_running(b"src/train.py", project) == [], seconds=40)
     assert processes_running(b"src/train.py", project) == []
     assert not any(alive(pid) for pid in workers.values())
     assert not (project / "models/model.pt").exists()
+    assert len([c for c in (project / "models/checkpoints").glob("*.pt")]) == 1
+    if signum == signal.SIGTERM:  # stopped as an interrupt; exactness is shown after SIGKILL
+        assert run.returncode == 130 and stderr.strip().splitlines()[-1] == "interrupted"
+        return
     resumed = subprocess.run(  # a process that did not resume would wait for the others
         [sys.executable, "src/train.py"], cwd=project, capture_output=True, text=True, timeout=120
     )
@@ -360,14 +365,16 @@ def test_a_batch_that_the_processes_cannot_share_is_refused(project: Path) -> No
 
 
 @pytest.mark.slow
-def test_dvc_repro_trains_with_two_processes(tmp_path: Path, mnist_mirror: str) -> None:
-    project = make_project(tmp_path / "project")
-    write_params(project, TWO)
-    init_repo(project)
-    repro = run_cmd(["dvc", "repro"], cwd=project, MNIST_MIRROR=mnist_mirror)
-    assert "starting 2 training processes on the CPU (Gloo)" in repro.stdout
+@pytest.mark.xdist_group("tiny")
+def test_an_experiment_trains_with_two_processes(tiny_repo: TinyRepo, tmp_path: Path) -> None:
+    """Through DVC: `dvc exp run -S train.processes=2` trains with two processes and
+    records a complete experiment."""
+    project = copy_repo(tiny_repo.path, tmp_path / "project")
+    exp = [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.processes=2", "-n", "two"]
+    done = run_cmd(exp, cwd=project)
+    assert "starting 2 training processes on the CPU (Gloo)" in done.stdout
     assert json.loads((project / "reports/eval/metrics.json").read_text())["test"]["images"] > 0
-    status = run_cmd(["dvc", "status", "--json"], cwd=project)
+    status = run_cmd([sys.executable, "-m", "dvc", "status", "--json"], cwd=project)
     assert json.loads(status.stdout) == {}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TinyRepo, copy_repo, run_cmd
+from conftest import LOW_LR, LOW_LR_VALUE, ROOT, TinyRepo, copy_repo, run_cmd
 
 import report
 from pipeline.errors import PipelineError
@@ -213,8 +213,8 @@ def test_outside_a_dvc_project_it_says_so(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- two real runs
 
-EXP = "lr-high"  # the experiment: train.lr doubled
-HIGHER_LR = 0.4
+EXP = LOW_LR  # the experiment: train.lr from 0.2 down to 0.01
+EXP_LR = LOW_LR_VALUE
 
 
 def run_report(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -244,13 +244,11 @@ def experiment_commit(project: Path, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, tiny_repo: TinyRepo) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_experiment: TinyRepo) -> Path:
     """A repository of the project with the tiny params and two real runs: `main`, with
-    train.lr as committed, and the experiment EXP, train.lr doubled, which is applied to
-    the workspace (as `dvc exp run` leaves it)."""
-    project = copy_repo(tiny_repo.path, tmp_path_factory.mktemp("report") / "project")
-    dvc(project, "exp", "run", "--name", EXP, "-S", f"train.lr={HIGHER_LR}")
-    return project
+    train.lr as committed, and the experiment EXP, another train.lr, which is applied
+    to the workspace (as `dvc exp run` leaves it)."""
+    return copy_repo(tiny_experiment.path, tmp_path_factory.mktemp("report") / "project")
 
 
 def table(markdown: str, heading: str) -> list[dict[str, str]]:
@@ -289,6 +287,7 @@ def check_against_dvc(markdown: str, diff: dict, base: str, head: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny")
 def test_report_of_an_experiment_against_main(runs: Path) -> None:
     result = run_report(runs, "--base", "main", "--head", EXP, "--out-dir", "out")
     markdown = (runs / "out/report.md").read_text()
@@ -307,7 +306,7 @@ def test_report_of_an_experiment_against_main(runs: Path) -> None:
 
     # the params: train.lr and nothing else
     assert table(markdown, "### Params") == [
-        {"Param": "train.lr", base_label: "`0.2`", head_label: f"`{HIGHER_LR}`"}
+        {"Param": "train.lr", base_label: "`0.2`", head_label: f"`{EXP_LR}`"}
     ]
 
     # the plots: each linked image is a PNG beside the report, and each PNG is linked
@@ -334,6 +333,7 @@ def test_report_of_an_experiment_against_main(runs: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny")
 def test_report_of_the_workspace_is_the_default(runs: Path) -> None:
     """`dvc exp run` applied the experiment to the workspace: the plain command reports
     it against main, with the same numbers."""
@@ -347,6 +347,7 @@ def test_report_of_the_workspace_is_the_default(runs: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny")
 def test_report_in_a_fresh_clone_of_head_against_an_experiment(runs: Path) -> None:
     """A clone has the git-tracked results and, once pulled, the experiment; it needs
     no DVC cache: none is there."""
@@ -365,6 +366,7 @@ def test_report_in_a_fresh_clone_of_head_against_an_experiment(runs: Path) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny")
 def test_bad_revisions_are_named(runs: Path) -> None:
     result = run_report(runs, "--base", "nope", check=False)
     assert result.returncode == 1
