@@ -3,7 +3,9 @@ mirror from MNIST_MIRROR, and a throw-away copy of the project for CLI tests."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import http.server
@@ -323,19 +325,53 @@ class TinyRepo:
     second_repro: str  # and right after, with nothing changed
 
 
+@contextlib.contextmanager
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A folder that the first test process to ask fills (in the block, while the others
+    wait) and every test process then shares: a session fixture built once for all the
+    processes of pytest-xdist. The block finds the folder empty only when it must fill it."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each test process's own
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = shared / f"{name}.done"
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            yield folder
+            done.touch()
+        else:
+            yield folder
+
+
+def _built_repo(folder: Path) -> TinyRepo:
+    return TinyRepo(
+        folder / "project",
+        (folder / "first.txt").read_text(),
+        (folder / "second.txt").read_text(),
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: str) -> TinyRepo:
-    """`dvc repro` from nothing, run once per test process and committed on `main` (the
-    baseline): what a clone holds once pulled. Tests change copies of it (copy_repo)."""
-    project = make_project(tmp_path_factory.mktemp("tiny") / "project")
-    init_repo(project)
-    run_cmd(["git", "branch", "-M", "main"], cwd=project)
-    dvc = [sys.executable, "-m", "dvc", "repro"]
-    first = run_cmd(dvc, cwd=project, MNIST_MIRROR=mnist_mirror)
-    second = run_cmd(dvc, cwd=project, MNIST_MIRROR=mnist_mirror)
-    run_cmd(["git", "add", "-A"], cwd=project)
-    run_cmd(["git", "commit", "-qm", "baseline"], cwd=project)
-    return TinyRepo(project, first.stdout + first.stderr, second.stdout + second.stderr)
+    """`dvc repro` from nothing, run once for the whole test run and committed on `main`
+    (the baseline): what a clone holds once pulled. Tests change copies of it
+    (copy_repo), never it."""
+    with built_once(tmp_path_factory, "tiny-repo") as folder:
+        if not (folder / "project").exists():
+            project = make_project(folder / "project")
+            init_repo(project)
+            run_cmd(["git", "branch", "-M", "main"], cwd=project)
+            for name in ("first", "second"):
+                done = run_cmd(
+                    [sys.executable, "-m", "dvc", "repro"], cwd=project, MNIST_MIRROR=mnist_mirror
+                )
+                (folder / f"{name}.txt").write_text(done.stdout + done.stderr)
+            run_cmd(["git", "add", "-A"], cwd=project)
+            run_cmd(["git", "commit", "-qm", "baseline"], cwd=project)
+        return _built_repo(folder)
 
 
 LOW_LR = "low-lr"  # the experiment of tiny_experiment
@@ -346,11 +382,15 @@ LOW_LR_VALUE = 0.01
 def tiny_experiment(tiny_repo: TinyRepo, tmp_path_factory: pytest.TempPathFactory) -> TinyRepo:
     """tiny_repo with the experiment LOW_LR (`dvc exp run -S train.lr=0.01`) run and
     applied to the workspace, as `dvc exp run` leaves it; first_repro is what it
-    printed. Tests change copies of it (copy_repo)."""
-    project = copy_repo(tiny_repo.path, tmp_path_factory.mktemp("experiment") / "project")
-    exp = [sys.executable, "-m", "dvc", "exp", "run", "-S", f"train.lr={LOW_LR_VALUE}"]
-    done = run_cmd([*exp, "-n", LOW_LR], cwd=project)
-    return TinyRepo(project, done.stdout + done.stderr, "")
+    printed. Built once for the whole test run; tests change copies of it (copy_repo)."""
+    with built_once(tmp_path_factory, "tiny-experiment") as folder:
+        if not (folder / "project").exists():
+            project = copy_repo(tiny_repo.path, folder / "project")
+            exp = [sys.executable, "-m", "dvc", "exp", "run", "-S", f"train.lr={LOW_LR_VALUE}"]
+            done = run_cmd([*exp, "-n", LOW_LR], cwd=project)
+            (folder / "first.txt").write_text(done.stdout + done.stderr)
+            (folder / "second.txt").write_text("")
+        return _built_repo(folder)
 
 
 def copy_repo(source: Path, dest: Path) -> Path:

@@ -365,7 +365,6 @@ def test_a_batch_that_the_processes_cannot_share_is_refused(project: Path) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("tiny")
 def test_an_experiment_trains_with_two_processes(tiny_repo: TinyRepo, tmp_path: Path) -> None:
     """Through DVC: `dvc exp run -S train.processes=2` trains with two processes and
     records a complete experiment."""

@@ -74,7 +74,6 @@ def commit(project: Path, message: str) -> None:
     run_cmd(["git", "commit", "-qm", message], cwd=project)
 
 
-@pytest.mark.xdist_group("tiny")
 def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo: TinyRepo) -> None:
     """`dvc repro` from nothing (the fixture's) runs every stage and writes every output;
     the next one, with nothing changed, runs nothing."""
@@ -106,7 +105,6 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo: TinyRepo) -> None:
     assert len(confusion) == 201 and wrong == test["errors"]
 
 
-@pytest.mark.xdist_group("tiny")
 def test_sharing_through_remotes_and_sweeping_through_the_queue(
     tiny_repo: TinyRepo, tmp_path: Path
 ) -> None:
@@ -154,7 +152,6 @@ def test_sharing_through_remotes_and_sweeping_through_the_queue(
     assert {"0.02", "0.05"} <= set(swept) and all(swept[lr] for lr in ("0.02", "0.05")), swept
 
 
-@pytest.mark.xdist_group("tiny")
 def test_a_refused_value_is_undone_by_git_checkout_every_time(
     tiny_repo: TinyRepo, tmp_path: Path
 ) -> None:
@@ -178,7 +175,6 @@ def test_a_refused_value_is_undone_by_git_checkout_every_time(
         assert (clone / "params.yaml").read_text() == committed
 
 
-@pytest.mark.xdist_group("tiny")
 def test_experiments_are_compared_and_bad_values_refused(
     tiny_experiment: TinyRepo, tmp_path: Path, mnist_mirror: str
 ) -> None:
@@ -258,7 +254,6 @@ def test_experiments_are_compared_and_bad_values_refused(
     assert LOW_LR in in_clone("exp", "show", "--csv")
 
 
-@pytest.mark.xdist_group("tiny")
 def test_an_interrupted_experiment_is_undone_to_heads_results(
     tiny_repo: TinyRepo, tmp_path: Path, mnist_mirror: str
 ) -> None:

@@ -200,7 +200,6 @@ def check_page(page: Path, work: Path, vega: list[str], images: list[str], revs:
         assert len(drawn.images[image]) == len(revs), image
 
 
-@pytest.mark.xdist_group("tiny")
 def test_plot_pages_render_offline(tiny_experiment: TinyRepo, tmp_path: Path) -> None:
     """`dvc plots show` of a run and `dvc plots diff` of it and an experiment, opened
     offline in headless Chromium: every declared plot drawn, nothing asked of the network."""

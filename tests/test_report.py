@@ -287,7 +287,6 @@ def check_against_dvc(markdown: str, diff: dict, base: str, head: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("tiny")
 def test_report_of_an_experiment_against_main(runs: Path) -> None:
     result = run_report(runs, "--base", "main", "--head", EXP, "--out-dir", "out")
     markdown = (runs / "out/report.md").read_text()
@@ -333,7 +332,6 @@ def test_report_of_an_experiment_against_main(runs: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("tiny")
 def test_report_of_the_workspace_is_the_default(runs: Path) -> None:
     """`dvc exp run` applied the experiment to the workspace: the plain command reports
     it against main, with the same numbers."""
@@ -347,7 +345,6 @@ def test_report_of_the_workspace_is_the_default(runs: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("tiny")
 def test_report_in_a_fresh_clone_of_head_against_an_experiment(runs: Path) -> None:
     """A clone has the git-tracked results and, once pulled, the experiment; it needs
     no DVC cache: none is there."""
@@ -366,7 +363,6 @@ def test_report_in_a_fresh_clone_of_head_against_an_experiment(runs: Path) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("tiny")
 def test_bad_revisions_are_named(runs: Path) -> None:
     result = run_report(runs, "--base", "nope", check=False)
     assert result.returncode == 1
