@@ -29,6 +29,15 @@ from pipeline import process
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TINY_FIXTURES = {"tiny_repo", "tiny_experiment"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the shared tiny repository last: the test processes run the others
+    first, and the first to need it builds it while the other one still has work."""
+    items.sort(key=lambda item: bool(TINY_FIXTURES & set(getattr(item, "fixturenames", ()))))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """In each of several test processes (pytest-xdist) torch takes one thread, and so do
     the processes the tests start: two processes with two threads each would fight over
@@ -256,11 +265,11 @@ def write_processed(project: Path, n_train: int = 400, n_val: int = 50) -> None:
     (processed / "stats.json").write_text('{"mean": 0.13, "std": 0.3}')
 
 
-def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
-    """Poll `condition` until it holds or `seconds` have passed."""
+def wait_until(condition: Callable[[], bool], seconds: float = 10, every: float = 0.01) -> None:
+    """Poll `condition` every `every` seconds until it holds or `seconds` have passed."""
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(every)
 
 
 def command_env(**env: str) -> dict[str, str]:

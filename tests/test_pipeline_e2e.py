@@ -20,6 +20,7 @@ import yaml
 from conftest import (
     LOW_LR,
     TinyRepo,
+    built_once,
     command_env,
     copy_repo,
     init_repo,
@@ -105,12 +106,9 @@ def test_dvc_repro_runs_every_stage_then_nothing(tiny_repo: TinyRepo) -> None:
     assert len(confusion) == 201 and wrong == test["errors"]
 
 
-def test_sharing_through_remotes_and_sweeping_through_the_queue(
-    tiny_repo: TinyRepo, tmp_path: Path
-) -> None:
+def test_sharing_through_a_dvc_remote_and_a_git_remote(tiny_repo: TinyRepo, tmp_path: Path) -> None:
     """A DVC remote and a git remote: a fresh clone pulls and reruns nothing; the model
-    registry's `dvc artifacts get`; a sweep through DVC's queue in the clone, whose
-    temporary copies take the data from the DVC cache (no mirror)."""
+    registry's `dvc artifacts get` fetches the model."""
     project = copy_repo(tiny_repo.path, tmp_path / "project")
     dvc = dvc_cli(project, "")
     storage, origin, clone = (tmp_path / name for name in ("storage", "origin", "clone"))
@@ -135,19 +133,26 @@ def test_sharing_through_remotes_and_sweeping_through_the_queue(
     dvc("artifacts", "get", str(origin), "resnet18-mnist", "-o", str(got))
     assert got.read_bytes() == (project / "models/model.pt").read_bytes()
 
-    queued = in_clone("exp", "run", "--queue", "-S", "train.lr=0.02,0.05")
+
+def test_a_sweep_runs_through_dvc_s_queue_without_a_mirror(
+    tiny_repo: TinyRepo, tmp_path: Path
+) -> None:
+    """Two points queued and run by DVC's queue, each in a temporary copy of the
+    workspace that takes the data stages' outputs from the DVC cache: no mirror set."""
+    project = copy_repo(tiny_repo.path, tmp_path / "project")
+    dvc = dvc_cli(project, "")
+
+    def finished() -> bool:
+        status = dvc("queue", "status")
+        return "Queued" not in status and "Running" not in status
+
+    queued = dvc("exp", "run", "--queue", "-S", "train.lr=0.02,0.05")
     assert queued.count("Queued experiment") == 2, queued
-    in_clone("queue", "start", "-j", "1")
-    wait_until(
-        lambda: (
-            "Queued" not in in_clone("queue", "status")
-            and "Running" not in in_clone("queue", "status")
-        ),
-        seconds=600,
-    )
-    status = in_clone("queue", "status")
+    dvc("queue", "start", "-j", "1")
+    wait_until(finished, seconds=600, every=3)  # each look is a dvc process: not too often
+    status = dvc("queue", "status")
     assert status.count("Success") == 2, status
-    rows = list(csv.DictReader(io.StringIO(in_clone("exp", "show", "--csv"))))
+    rows = list(csv.DictReader(io.StringIO(dvc("exp", "show", "--csv"))))
     swept = {row["train.lr"]: row["test.accuracy"] for row in rows if row["Experiment"]}
     assert {"0.02", "0.05"} <= set(swept) and all(swept[lr] for lr in ("0.02", "0.05")), swept
 
@@ -350,40 +355,57 @@ def finished(project: Path) -> dict:
     }
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the stage's process in /proc")
-def test_interrupted_training_resumes_to_the_model_of_an_uninterrupted_run(
-    tmp_path: Path, mnist_mirror: str
-) -> None:
-    """Two runs of the same params, stopped in epoch 2 of 4. One by Ctrl-C to its train
-    stage, then its checkpoint is found cut short (a full disk, a copy that stopped): set
-    aside, named, and the run starts over, so it runs uninterrupted and must learn. The
-    other by SIGKILL to `dvc` (the stage stops with it); an experiment with other params
-    runs in between, keeping the checkpoint; `dvc repro` resumes from it. Both end with
-    the same weights and curves (CPU, same seed)."""
-    over = tmp_path / "over"
-    checkpoint = interrupted_repro(make_project(over), mnist_mirror, "stage", signal.SIGINT)
-    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
-    again = dvc_cli(over, mnist_mirror)("repro")
-    aside = checkpoint.with_name(f"{checkpoint.stem}.unreadable.pt").relative_to(over)
-    assert f"set aside as {aside} (delete it when you like); training starts over" in again
-    assert "training from the start: 4 epochs of 20 steps" in again
-    uninterrupted = finished(over)
-    assert uninterrupted["test"]["accuracy"] >= ACCURACY_FLOOR
+@pytest.fixture(scope="session")
+def started_over(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: str) -> dict:
+    """A run stopped by Ctrl-C to its train stage in epoch 2 of 4, whose checkpoint is
+    then found cut short (a full disk, a copy that stopped): the next `dvc repro` sets
+    it aside, names it and starts over, so the run it finishes is never interrupted.
+    Built once for all test processes."""
+    with built_once(tmp_path_factory, "started-over") as folder:
+        if not (folder / "done.json").exists():
+            project = make_project(folder / "project")
+            checkpoint = interrupted_repro(project, mnist_mirror, "stage", signal.SIGINT)
+            checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
+            again = dvc_cli(project, mnist_mirror)("repro")
+            aside = checkpoint.with_name(f"{checkpoint.stem}.unreadable.pt")
+            result = finished(project)
+            torch.save(result.pop("model"), folder / "model.pt")
+            record = result | {"output": again, "aside": str(aside.relative_to(project))}
+            (folder / "done.json").write_text(json.dumps(record))
+        record = json.loads((folder / "done.json").read_text())
+        return record | {"model": torch.load(folder / "model.pt", weights_only=True)}
 
-    resumed_project = tmp_path / "resumed"
-    checkpoint = interrupted_repro(
-        make_project(resumed_project), mnist_mirror, "dvc", signal.SIGKILL
-    )
-    dvc = dvc_cli(resumed_project, mnist_mirror)
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the stage's process in /proc")
+def test_a_checkpoint_cut_short_is_set_aside_and_the_run_learns(started_over: dict) -> None:
+    aside = started_over["aside"]
+    line = f"set aside as {aside} (delete it when you like); training starts over"
+    assert line in started_over["output"]
+    assert "training from the start: 4 epochs of 20 steps" in started_over["output"]
+    assert started_over["test"]["accuracy"] >= ACCURACY_FLOOR
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the stage's process in /proc")
+def test_killed_dvc_resumes_to_the_model_of_an_uninterrupted_run(
+    tmp_path: Path, mnist_mirror: str, request: pytest.FixtureRequest
+) -> None:
+    """SIGKILL to `dvc` in epoch 2 of 4 (the stage stops with it); an experiment with
+    other params runs in between, keeping the checkpoint; `dvc repro` resumes from it
+    and ends with the weights and curves of a run never interrupted (CPU, same seed)."""
+    project = tmp_path / "resumed"
+    checkpoint = interrupted_repro(make_project(project), mnist_mirror, "dvc", signal.SIGKILL)
+    dvc = dvc_cli(project, mnist_mirror)
     exp = dvc("exp", "run", "-S", "train.lr=0.05", "-S", "train.epochs=1")
     assert ran(exp) == ["check_params", "train", "evaluate", "plot"]
     assert list(checkpoint.parent.glob("*.pt")) == [checkpoint]
-    run_cmd(["git", "checkout", "--", "params.yaml"], cwd=resumed_project)
+    run_cmd(["git", "checkout", "--", "params.yaml"], cwd=project)
     resumed = dvc("repro")
     line = next(ln for ln in resumed.splitlines() if ln.startswith("resuming from"))
-    where = checkpoint.relative_to(resumed_project)
+    where = checkpoint.relative_to(project)
     assert re.fullmatch(rf"resuming from {where} at epoch [23]/4, step 0/20", line)
-    result = finished(resumed_project)
+    result = finished(project)
+    # asked for last: another test process may build it meanwhile
+    uninterrupted = request.getfixturevalue("started_over")
     for key, value in uninterrupted["model"].items():
         assert torch.equal(value, result["model"][key]), key
     assert result["val"] == uninterrupted["val"] and result["test"] == uninterrupted["test"]
