@@ -8,7 +8,8 @@ Outputs: `paths.eval_report`/
            misclassified.csv  index into test.pt, actual, predicted, confidence
 
 Inference runs in batches with mixed precision and channels_last where `auto`
-finds the device gains from them, by the train stage's rules. bf16 can move a
+finds the device gains from them, by the train stage's rules; with `evaluate.tta`,
+each image's logits are averaged with those of copies shifted by one pixel. bf16 can move a
 prediction or two against fp32 (1 of 10,000 test images in README, "Speed");
 `evaluate.precision: fp32` gives exact fp32 metrics.
 """
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.augment import shift
 from pipeline.files import atomic_path, load_torch
 from pipeline.gpus import claim_device
 from pipeline.mnist import NUM_CLASSES
@@ -41,6 +43,7 @@ class EvaluateParams:
     device: Device
     precision: Precision
     channels_last: Auto
+    tta: int
 
     def __post_init__(self) -> None:
         check(
@@ -49,22 +52,38 @@ class EvaluateParams:
             self.batch_size == "auto" or self.batch_size >= 1,
             "an integer >= 1 or auto",
         )
+        check(self, "tta", 0 <= self.tta <= len(TTA_SHIFTS), f"0..{len(TTA_SHIFTS)} copies")
 
 
-def inference_logits(net: torch.nn.Module, images: Tensor, stats: dict, s: Settings) -> Tensor:
+# Test-time augmentation: the image and copies of it shifted by one pixel, in this
+# order, their logits averaged (`evaluate.tta` copies).
+TTA_SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
+
+
+def inference_logits(
+    net: torch.nn.Module, images: Tensor, stats: dict, s: Settings, tta: int = 0
+) -> Tensor:
     """Logits (float32, on the CPU) of `net` for the uint8 test `images`, run as `s`
-    says. Puts `net` on `s.device` in `s`'s memory layout, in place."""
+    says; with `tta`, averaged with those of that many shifted copies (TTA_SHIFTS).
+    Puts `net` on `s.device` in `s`'s memory layout, in place."""
     net = net.to(s.device, memory_format=s.memory_format)
-    logits = predict_logits(
-        net,
-        images.to(s.device),
-        stats["mean"],
-        stats["std"],
-        s.eval_batch_size,
-        s.autocast_dtype,
-        s.memory_format,
-    )
-    return logits.cpu()
+    images = images.to(s.device)
+    total = None
+    for dy, dx in ((0, 0), *TTA_SHIFTS[:tta]):
+        rows = torch.full((len(images), 1), 1 + dy, device=images.device)
+        offsets = rows, torch.full((len(images), 1), 1 + dx, device=images.device)
+        copies = images if (dy, dx) == (0, 0) else shift(images, offsets, 1)
+        logits = predict_logits(
+            net,
+            copies,
+            stats["mean"],
+            stats["std"],
+            s.eval_batch_size,
+            s.autocast_dtype,
+            s.memory_format,
+        )
+        total = logits if total is None else total + logits
+    return (total / (1 + tta)).cpu() if tta else total.cpu()
 
 
 def per_class_table(labels: Tensor, predictions: Tensor) -> pd.DataFrame:
@@ -125,10 +144,10 @@ def main() -> None:
     # one GPU that no other run of this project holds (dvc queue start -j N)
     device = claim_device(pick_device(p.device))
     settings = inference_settings(device, p.precision, p.channels_last, p.batch_size)
-    print(f"evaluating: {settings.describe_inference()}")
+    print(f"evaluating: {settings.describe_inference()}" + (f", tta {p.tta}" if p.tta else ""))
     net, saved = load_model(paths.model, settings.device)
     test = load_torch(Path(paths.processed) / "test.pt")
-    logits = inference_logits(net, test["images"], saved["stats"], settings)
+    logits = inference_logits(net, test["images"], saved["stats"], settings, p.tta)
     results = evaluate(logits, test["labels"])
 
     with atomic_path(paths.eval_report) as tmp:

@@ -10,7 +10,8 @@ in 28x28 with its centre of mass at the centre. From there it goes exactly the
 pipeline's way: preprocess.resize (28->32) and the normalisation stats saved
 with the model. Inference follows the evaluate stage's `auto` rules (device,
 bf16 and channels_last where they pay, batch size), so a digit gets the
-prediction that stage gives it; predict reads no params but `paths.model`.
+prediction that stage gives it; predict reads no params but `paths.model` and
+`evaluate.tta`.
 
 Inputs:  the image files; the model at `paths.model` of params.yaml, or --model.
 Outputs: stdout: one line per file, `FILE: 7 (99.8%); next 1 (0.1%), 9 (0.0%)`,
@@ -34,10 +35,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from evaluate import inference_logits
+from evaluate import EvaluateParams, inference_logits
 from pipeline.errors import PipelineError
 from pipeline.model import load_model
-from pipeline.params import load_paths
+from pipeline.params import PARAMS_FILE, load_params, load_paths
 from pipeline.process import run
 from pipeline.settings import Device, Settings, inference_settings, pick_device
 from preprocess import resize
@@ -206,11 +207,19 @@ def read_model(path: str | Path, device: torch.device) -> tuple[torch.nn.Module,
     return net, {"mean": float(saved["stats"]["mean"]), "std": float(saved["stats"]["std"])}
 
 
-def predict(net: torch.nn.Module, images: np.ndarray, stats: dict, s: Settings) -> Tensor:
+def predict(
+    net: torch.nn.Module, images: np.ndarray, stats: dict, s: Settings, tta: int = 0
+) -> Tensor:
     """Probabilities (N, 10) for uint8 MNIST-style digits (N, 28, 28), in batches, as
-    the evaluate stage's `auto` settings run them on the device (its params unread)."""
+    the evaluate stage's `auto` settings run them on the device, with its `tta`."""
     x = resize(torch.from_numpy(images))  # 28 -> 32 exactly as the preprocess stage
-    return inference_logits(net, x, stats, s).softmax(1)
+    return inference_logits(net, x, stats, s, tta).softmax(1)
+
+
+def evaluate_tta(params_file: Path = PARAMS_FILE) -> int:
+    """The evaluate stage's test-time augmentation (`evaluate.tta`) where params.yaml
+    is at hand (predict also runs outside the project, with --model): 0 elsewhere."""
+    return load_params(EvaluateParams, params_file).tta if params_file.exists() else 0
 
 
 def result(file: str, probabilities: Tensor) -> dict:
@@ -248,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
             entries.append({"file": file, "error": str(error)})
             print(f"error: {file}: {error}", file=sys.stderr)
     if digits:
-        probabilities = iter(predict(net, np.stack(digits), stats, inference_settings(device)))
+        settings = inference_settings(device)
+        probabilities = iter(predict(net, np.stack(digits), stats, settings, evaluate_tta()))
         entries = [e if "error" in e else result(e["file"], next(probabilities)) for e in entries]
     if args.json:
         print(json.dumps(entries, indent=2))

@@ -1,11 +1,14 @@
 """Train stage: ResNet-18 from scratch on the preprocessed MNIST tensors.
 
-The recipe: SGD with Nesterov momentum, a linear warm-up then cosine decay of the
-learning rate per step, label smoothing, no weight decay on BatchNorm and biases,
-and random shifts of up to `train.max_shift` pixels, on data kept on the device
-(pipeline/loop.py). Mixed precision, channels_last and torch.compile where the
-device gains from them (`auto`: pipeline/settings.py); on several GPUs, one
-process each, data-parallel (pipeline/distributed.py). An interrupted run resumes
+The recipe: SGD with Nesterov momentum, a linear warm-up then a cosine or linear
+decay of the learning rate to 0 per step (pipeline/optim.py), label smoothing, no
+weight decay on BatchNorm and biases, random shifts of up to `train.max_shift`
+pixels and, where set, small rotations, scalings and Cutout (pipeline/augment.py),
+all on data kept on the device (pipeline/loop.py); where `train.ema_decay` is set,
+a moving average of the weights is validated and saved (pipeline/ema.py). Mixed
+precision, channels_last and torch.compile where the device gains from them
+(`auto`: pipeline/settings.py); on several GPUs, one process each, data-parallel
+(pipeline/distributed.py). An interrupted run resumes
 from its checkpoint and ends with the same weights (pipeline/checkpoint.py).
 
 Inputs:  `paths.processed`/{train,val}.pt, stats.json; params.yaml `model`, `train`.
@@ -64,8 +67,14 @@ class TrainParams:
     nesterov: bool
     weight_decay: float
     label_smoothing: float
+    schedule: Literal["cosine", "linear"]
     warmup_epochs: float
+    ema_decay: float
+    bn_momentum: float
     max_shift: int
+    max_rotate: float
+    max_scale: float
+    cutout: int
     seed: int
     device: Device
     precision: Precision
@@ -91,7 +100,12 @@ class TrainParams:
         check(self, "label_smoothing", 0 <= self.label_smoothing < 1, "a number in [0, 1)")
         warmup_ok = 0 <= self.warmup_epochs <= self.epochs
         check(self, "warmup_epochs", warmup_ok, f"a number in [0, train.epochs = {self.epochs}]")
+        check(self, "ema_decay", 0 <= self.ema_decay < 1, "a number in [0, 1) (0 = off)")
+        check(self, "bn_momentum", 0 < self.bn_momentum <= 1, "a number in (0, 1]")
         check(self, "max_shift", 0 <= self.max_shift <= 8, "0..8 pixels")
+        check(self, "max_rotate", 0 <= self.max_rotate <= 45, "0..45 degrees")
+        check(self, "max_scale", 0 <= self.max_scale < 0.5, "a number in [0, 0.5)")
+        check(self, "cutout", 0 <= self.cutout <= 32, "0..32 pixels (0 = off)")
         eval_ok = self.eval_batch_size == "auto" or self.eval_batch_size >= 1
         check(self, "eval_batch_size", eval_ok, "an integer >= 1 or auto")
         every_ok = self.checkpoint_every >= 0
@@ -110,9 +124,13 @@ def load_data(processed: Path, device: torch.device) -> Data:
     return Data(*on_device, val["labels"].to(device), stats["mean"], stats["std"])
 
 
-def build_model(width: int, sync_batchnorm: bool) -> nn.Module:
-    """ResNet-18 at `width`, initialised from the global generator (seeded first)."""
+def build_model(width: int, bn_momentum: float, sync_batchnorm: bool) -> nn.Module:
+    """ResNet-18 at `width`, initialised from the global generator (seeded first), its
+    BatchNorm running statistics updated with `bn_momentum` per step."""
     net = resnet18(width=width)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = bn_momentum
     return nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_batchnorm else net
 
 
@@ -210,7 +228,7 @@ def main() -> None:
         if world.main and (removed := checkpoint.prune_other_runs()):
             say(f"removed the checkpoints of older unfinished runs: {', '.join(map(str, removed))}")
         seed_everything(p.seed)
-        net = build_model(model_p.width, settings.sync_batchnorm)
+        net = build_model(model_p.width, p.bn_momentum, settings.sync_batchnorm)
         this_run = Run(p, settings, checkpoint, world)
         if world.main:
             say(describe(model_p, net, data, this_run))

@@ -17,8 +17,9 @@ import torch
 from conftest import synthetic_digits, tiny_train_params, wait_until
 
 import train
-from pipeline import augment, loop, optim
+from pipeline import loop, optim
 from pipeline.checkpoint import Checkpoint
+from pipeline.ema import WeightAverage
 from pipeline.errors import PipelineError
 from pipeline.files import load_torch
 from pipeline.loop import Data, Run
@@ -58,19 +59,6 @@ def run_fit(
     return net, records
 
 
-def test_random_shift_moves_each_image_within_bounds() -> None:
-    images = torch.zeros(64, 1, 32, 32, dtype=torch.uint8)
-    images[:, :, 15, 15] = 255
-    shifted = augment.random_shift(images, 2, torch.Generator().manual_seed(0))
-    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
-    positions = shifted[:, 0].flatten(1).argmax(1)
-    rows, cols = positions // 32, positions % 32
-    assert rows.min() >= 13 and rows.max() <= 17 and cols.min() >= 13 and cols.max() <= 17
-    assert len(set(positions.tolist())) > 10  # each image has its own offset
-    assert torch.all(shifted.flatten(1).sum(1) == 255)  # content moved, not lost
-    assert augment.random_shift(images, 0, torch.Generator()) is images
-
-
 def test_an_epoch_takes_full_batches_of_a_fresh_permutation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -93,12 +81,70 @@ def test_an_epoch_takes_full_batches_of_a_fresh_permutation(
         run_fit(tiny_params(), None, tiny_data(n_train=20))
 
 
-def test_lr_warms_up_linearly_then_decays_to_zero() -> None:
-    factors = [optim.lr_factor(step, 10, 100) for step in range(100)]
+@pytest.mark.parametrize("shape", optim.SCHEDULES)
+def test_lr_warms_up_linearly_then_decays_to_zero(shape: str) -> None:
+    factors = [optim.lr_factor(step, 10, 100, shape) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.001
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.02
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
-    assert optim.lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert optim.lr_factor(55, 10, 100, shape) == pytest.approx(0.5)  # half-way: half
+    quarter = optim.lr_factor(32.5, 10, 100, shape)  # a quarter of the decay done
+    assert quarter == pytest.approx({"cosine": 0.8536, "linear": 0.75}[shape], abs=1e-4)
+
+
+def test_the_weights_average_follows_the_weights() -> None:
+    """One update: average <- rate * average + (1 - rate) * weights, the rate small at
+    first ((1 + 0) / (10 + 0) = 0.1); BatchNorm's statistics averaged, its count copied."""
+    torch.manual_seed(0)
+    net = resnet18(width=4)
+    average = WeightAverage(net, decay=0.999)
+    before = {k: v.clone() for k, v in average.net.state_dict().items()}
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            t.add_(1) if t.is_floating_point() else t.fill_(7)
+    assert average.rate() == pytest.approx(0.1)
+    average.update(net)
+    for key, value in average.net.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, before[key] + 0.9, msg=key)
+        else:
+            assert value.item() == 7, key
+    assert average.steps == 1 and average.rate() == pytest.approx(2 / 11)
+    average.steps = 10_000
+    assert average.rate() == 0.999  # later: the decay itself
+
+
+def test_with_an_average_it_is_validated_saved_and_resumed(tmp_path: Path) -> None:
+    """train.ema_decay: the epoch's validation and the model fit leaves are the average
+    (not the last weights), and a run interrupted after an epoch resumes to the same."""
+    params = tiny_params(ema_decay=0.9)
+    torch.manual_seed(params.seed)
+    net = resnet18(width=4)
+    run = tiny_run(params, None)
+    state = loop.new_state(net, run, 8)
+    assert state.ema is not None and loop.evaluated(state) is state.ema.net
+    straight, records = run_fit(params, None)
+    last_weights = run_fit(dataclasses.replace(params, ema_decay=0.0), None)[0]
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            straight.state_dict().values(), last_weights.state_dict().values(), strict=True
+        )
+    )
+    data = tiny_data()
+    logits = predict_logits(straight, data.val_x, data.mean, data.std, batch_size=64)
+    val_acc = (logits.argmax(1) == data.val_y).double().mean().item()
+    assert records[-1]["val/acc"] == pytest.approx(val_acc)  # validated: what is kept
+    run_fit(params, tmp_path / "ckpt.pt", stop_after=1)
+    resumed, _ = run_fit(params, tmp_path / "ckpt.pt")
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_batchnorm_momentum_is_set_on_every_batchnorm() -> None:
+    net = train.build_model(4, bn_momentum=0.02, sync_batchnorm=False)
+    momenta = {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta == {0.02}
 
 
 def test_training_learns(tmp_path: Path) -> None:

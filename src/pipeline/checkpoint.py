@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.ema import WeightAverage
 from pipeline.errors import PipelineError
 from pipeline.files import load_torch, save_torch
 
@@ -82,6 +83,7 @@ class TrainingState:
     generator: torch.Generator
     history: list[dict[str, float]]  # one record per finished epoch
     in_progress: EpochInProgress | None = None
+    ema: WeightAverage | None = None  # the weights' average, where train.ema_decay keeps one
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -92,6 +94,7 @@ class TrainingState:
             "rng": rng_states(self.generator),
             "history": self.history,
             "in_progress": self.in_progress and self.in_progress.snapshot(),
+            "ema": self.ema and self.ema.state_dict(),
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -102,6 +105,8 @@ class TrainingState:
         self.scaler.load_state_dict(saved["scaler"])
         set_rng_states(saved["rng"], self.generator)
         self.history = saved["history"]
+        if self.ema:
+            self.ema.load_state_dict(saved["ema"])
         partial = saved["in_progress"]
         self.in_progress = partial and EpochInProgress(
             partial["epoch"],

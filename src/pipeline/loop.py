@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline import distributed
-from pipeline.augment import shift, shift_offsets
+from pipeline.augment import Augmentation, augment, draw
 from pipeline.checkpoint import Checkpoint, EpochInProgress, TrainingState
 from pipeline.distributed import World
+from pipeline.ema import WeightAverage
 from pipeline.errors import PipelineError
 from pipeline.model import normalise, predict_logits
 from pipeline.optim import make_optimizer, make_scheduler, mean_lr
@@ -98,7 +99,18 @@ def new_state(net: nn.Module, run: Run, steps: int) -> TrainingState:
         torch.amp.GradScaler(s.device.type, enabled=s.autocast_dtype == torch.float16),
         torch.Generator(device=s.device).manual_seed(run.p.seed),
         [],
+        ema=WeightAverage(net, run.p.ema_decay) if run.p.ema_decay else None,
     )
+
+
+def augmentation(p: TrainParams) -> Augmentation:
+    return Augmentation(p.max_shift, p.max_rotate, p.max_scale, p.cutout)
+
+
+def evaluated(state: TrainingState) -> nn.Module:
+    """The network that is validated and saved: the weights' average when kept, else
+    the weights themselves."""
+    return state.ema.net if state.ema else state.net
 
 
 def resume(state: TrainingState, run: Run, steps: int) -> None:
@@ -128,8 +140,8 @@ def resume(state: TrainingState, run: Run, steps: int) -> None:
 def train_step(
     forward: nn.Module, x: Tensor, y: Tensor, state: TrainingState, loss_fn: nn.Module, s: Settings
 ) -> Tensor:
-    """One optimisation step on the batch (x, y): forward, backward, update, schedule.
-    Returns the logits, for the step's figures."""
+    """One optimisation step on the batch (x, y): forward, backward, update, schedule,
+    and the weights' average if kept. Returns the logits, for the step's figures."""
     with s.autocast():
         logits = forward(x)
         loss = loss_fn(logits, y)
@@ -138,20 +150,22 @@ def train_step(
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
+    if state.ema:
+        state.ema.update(state.net)
     return logits
 
 
 def batch(
     data: Data, indices: Tensor, run: Run, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """This process's slice of the global batch `indices`, shifted and normalised."""
+    """This process's slice of the global batch `indices`, augmented and normalised."""
     p, world, s = run.p, run.world, run.settings
-    offsets = shift_offsets(p.batch_size, p.max_shift, generator)  # for the global batch
+    how = augmentation(p)
+    draws = draw(p.batch_size, data.train_x.shape[-1], how, generator)  # the global batch's
     local = p.batch_size // world.size
     part = slice(world.rank * local, (world.rank + 1) * local)
-    offsets = offsets and (offsets[0][part], offsets[1][part])
     indices = indices[part]
-    x = shift(data.train_x[indices], offsets, p.max_shift)
+    x = augment(data.train_x[indices], draws.part(part), how)
     x = normalise(x, data.mean, data.std).contiguous(memory_format=s.memory_format)
     return x, data.train_y[indices]
 
@@ -259,13 +273,15 @@ def fit(net: nn.Module, data: Data, run: Run) -> Iterator[dict[str, float]]:
         for epoch in range(len(state.history) + 1, p.epochs + 1):
             progress.set_epoch(f"epoch {epoch}/{p.epochs}")
             finished = train_one_epoch(forward, data, state, run, epoch, progress)
-            record = epoch_record(net, data, run, finished)
+            record = epoch_record(evaluated(state), data, run, finished)
             state.history.append(record)
             due = p.checkpoint_every and epoch % p.checkpoint_every == 0 and epoch < p.epochs
             if due and run.checkpoint and run.world.main:
                 run.checkpoint.save(state)
             if run.world.main:
                 yield record
+    if state.ema:  # the model is the weights' average
+        net.load_state_dict(state.ema.net.state_dict())
 
 
 def out_of_memory_named(records: Iterator[dict], run: Run) -> Iterator[dict]:
