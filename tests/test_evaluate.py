@@ -11,9 +11,10 @@ import torch
 from conftest import committed_params_text, save_untrained_model, write_params
 
 import evaluate
+from pipeline.errors import PipelineError
 from pipeline.files import save_torch
 from pipeline.model import resnet18
-from pipeline.params import load_paths
+from pipeline.params import load_paths, parse_section
 from pipeline.settings import Settings
 
 
@@ -59,6 +60,13 @@ def test_macro_f1_is_the_mean_f1_over_the_classes() -> None:
 
 
 CPU = torch.device("cpu")
+EVALUATE_RAW = {
+    "batch_size": "auto",
+    "device": "cpu",
+    "precision": "auto",
+    "channels_last": "auto",
+    "tta": 0,
+}
 
 
 def test_inference_in_each_precision_and_layout_agrees_with_plain_fp32() -> None:
@@ -139,3 +147,22 @@ def test_main_evaluates_the_saved_model_on_the_test_split(
     for name in ("per_class", "confusion", "misclassified"):
         written = pd.read_csv(report / f"{name}.csv")
         pd.testing.assert_frame_equal(written, expected[name], check_dtype=False, atol=1e-6)
+
+
+def test_test_time_augmentation_averages_the_logits_of_shifted_copies() -> None:
+    """evaluate.tta = 2: the mean of the logits of the images and of two copies shifted by
+    one pixel (right, then left), black filling the edge; 0 leaves them alone."""
+    torch.manual_seed(0)
+    net = resnet18(width=4).eval()
+    images = torch.randint(0, 256, (9, 1, 32, 32), dtype=torch.uint8)
+    stats = {"mean": 0.13, "std": 0.31}
+    plain = Settings(CPU, "fp32", False, 4)
+    alone = evaluate.inference_logits(net, images, stats, plain)
+    right, left = torch.zeros_like(images), torch.zeros_like(images)
+    right[..., 1:], left[..., :-1] = images[..., :-1], images[..., 1:]
+    expected = sum(evaluate.inference_logits(net, x, stats, plain) for x in (images, right, left))
+    averaged = evaluate.inference_logits(net, images, stats, plain, tta=2)
+    torch.testing.assert_close(averaged, expected / 3)
+    assert not torch.allclose(averaged, alone)
+    with pytest.raises(PipelineError, match=r"evaluate.tta = 9 is not allowed: 0..8 copies"):
+        parse_section(evaluate.EvaluateParams, EVALUATE_RAW | {"tta": 9})

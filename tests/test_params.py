@@ -32,7 +32,13 @@ STAGE_PARAMS = {
 }
 
 
-EVALUATE = {"batch_size": "auto", "device": "cpu", "precision": "auto", "channels_last": "auto"}
+EVALUATE = {
+    "batch_size": "auto",
+    "device": "cpu",
+    "precision": "auto",
+    "channels_last": "auto",
+    "tta": 0,
+}
 
 
 def train_with(**changes: object) -> dict:

@@ -244,9 +244,11 @@ def test_checkpoint_is_complete_and_loads_weights_only(tmp_path: Path) -> None:
         "rng",
         "history",
         "in_progress",
+        "ema",
     }
     assert set(state["rng"]) >= {"torch", "data", "python"}
     assert [r["epoch"] for r in state["history"]] == [1] and state["in_progress"] is None
+    assert state["ema"] is None  # train.ema_decay 0: no average kept
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically: no temp left
 
 
