@@ -38,7 +38,7 @@ from torch import Tensor
 from evaluate import EvaluateParams, inference_logits
 from pipeline.errors import PipelineError
 from pipeline.model import load_model
-from pipeline.params import PARAMS_FILE, load_params, load_paths
+from pipeline.params import PARAMS_FILE, load_params, load_paths, read_params_file
 from pipeline.process import run
 from pipeline.settings import Device, Settings, inference_settings, pick_device
 from preprocess import resize
@@ -218,8 +218,11 @@ def predict(
 
 def evaluate_tta(params_file: Path = PARAMS_FILE) -> int:
     """The evaluate stage's test-time augmentation (`evaluate.tta`) where params.yaml
-    is at hand (predict also runs outside the project, with --model): 0 elsewhere."""
-    return load_params(EvaluateParams, params_file).tta if params_file.exists() else 0
+    has an `evaluate` section (predict also runs outside the project, with --model, or
+    beside a params.yaml of paths alone): 0 elsewhere."""
+    if not params_file.exists() or "evaluate" not in (read_params_file(params_file) or {}):
+        return 0
+    return load_params(EvaluateParams, params_file).tta
 
 
 def result(file: str, probabilities: Tensor) -> dict:

@@ -399,3 +399,15 @@ def test_the_way_to_a_model_fits_the_machine(
     assert predict.how_to_get_a_model(torch.device("cpu")) == (
         "`dvc pull` fetches the team's trained model from the DVC remote"
     )
+
+
+def test_predict_uses_the_evaluate_stage_s_test_time_augmentation(tmp_path: Path) -> None:
+    """evaluate.tta from params.yaml where it has that section; 0 beside a params.yaml
+    of paths alone, or none."""
+    params = tmp_path / "params.yaml"
+    assert predict.evaluate_tta(params) == 0
+    params.write_text("paths:\n  model: m.pt\n")
+    assert predict.evaluate_tta(params) == 0
+    committed = yaml.safe_load(committed_params_text())
+    params.write_text(yaml.safe_dump(committed | {"evaluate": committed["evaluate"] | {"tta": 3}}))
+    assert predict.evaluate_tta(params) == 3
