@@ -192,7 +192,7 @@ def how_to_get_a_model(device: torch.device) -> str:
     if device.type == "cuda":
         return "`dvc repro` trains it: about a minute on a GPU"
     return (
-        f"for a first model in about a minute on this CPU run the quick experiment, "
+        f"for a first model in a minute or two on this CPU run the quick experiment, "
         f"`{QUICK_EXPERIMENT}` (98.9% test accuracy); `dvc repro` trains the full "
         "model, which takes hours on a CPU; `dvc pull` fetches a trained one once a DVC "
         "remote is set (README)"

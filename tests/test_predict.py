@@ -326,7 +326,7 @@ def test_json_lists_every_file_with_top3_or_error(
 
 def test_missing_or_broken_model_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "models" / "model.pt"
-    with pytest.raises(PipelineError, match=rf"^{missing} not found: for a first model in about"):
+    with pytest.raises(PipelineError, match=rf"^{missing} not found: for a first model in a minute or two"):
         predict.main(["digit.png", "--model", str(missing)])
     text = tmp_path / "params.yaml"
     text.write_text("train:\n  lr: 0.1\n")
@@ -363,7 +363,7 @@ def test_command_line_end_to_end(model_file: Path, tmp_path: Path) -> None:
     done = run_cmd([sys.executable, script, "d.png", "--model", str(absent)], tmp_path, check=False)
     assert done.returncode == 1 and done.stdout == ""
     [line] = done.stderr.splitlines()  # one line, the fastest way to a model on this machine
-    assert line.startswith(f"error: {absent} not found: for a first model in about a minute")
+    assert line.startswith(f"error: {absent} not found: for a first model in a minute or two a minute")
     assert f"`{predict.QUICK_EXPERIMENT}`" in line
 
 
@@ -387,7 +387,7 @@ def test_the_way_to_a_model_fits_the_machine(
     once a DVC remote is configured (as `dvc remote add` writes it)."""
     monkeypatch.chdir(tmp_path)
     on_cpu = predict.how_to_get_a_model(torch.device("cpu"))
-    assert on_cpu.startswith("for a first model in about a minute on this CPU run the quick")
+    assert on_cpu.startswith("for a first model in a minute or two on this CPU run the quick")
     assert f"`{predict.QUICK_EXPERIMENT}` (98.9% test accuracy)" in on_cpu
     assert (
         predict.how_to_get_a_model(torch.device("cuda"))
