@@ -326,7 +326,8 @@ def test_json_lists_every_file_with_top3_or_error(
 
 def test_missing_or_broken_model_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "models" / "model.pt"
-    with pytest.raises(PipelineError, match=rf"^{missing} not found: for a first model in a minute or two"):
+    first_model = "for a first model in a minute or two"
+    with pytest.raises(PipelineError, match=rf"^{missing} not found: {first_model}"):
         predict.main(["digit.png", "--model", str(missing)])
     text = tmp_path / "params.yaml"
     text.write_text("train:\n  lr: 0.1\n")
@@ -363,7 +364,7 @@ def test_command_line_end_to_end(model_file: Path, tmp_path: Path) -> None:
     done = run_cmd([sys.executable, script, "d.png", "--model", str(absent)], tmp_path, check=False)
     assert done.returncode == 1 and done.stdout == ""
     [line] = done.stderr.splitlines()  # one line, the fastest way to a model on this machine
-    assert line.startswith(f"error: {absent} not found: for a first model in a minute or two a minute")
+    assert line.startswith(f"error: {absent} not found: for a first model in a minute or two")
     assert f"`{predict.QUICK_EXPERIMENT}`" in line
 
 
