@@ -1,7 +1,7 @@
 """Benchmark: our train step against the seed-style loop and the model-only ceiling.
 
 On one device, in one run, measures training images/s for
-  ours        the train stage's own loop (`train.fit`): data on the device, uint8,
+  ours        the train stage's own loop (`pipeline.loop.fit`): data on the device, uint8,
               shifted and normalised there in whole batches, mixed precision etc.
               as `auto` resolves them, the real optimiser and schedule;
   seed-style  torchvision's `MNIST` dataset with per-image Resize(32)/ToTensor/
@@ -113,7 +113,7 @@ def fit_epochs(data: Data, p: train.TrainParams, width: int, steps: int) -> Iter
     )
     settings = training_settings(p, data.train_x.device)
     torch.manual_seed(p.seed)
-    return fit(resnet18(width=width), subset, Run(p, settings))
+    return fit(train.build_model(width, p.bn_momentum, False), subset, Run(p, settings))
 
 
 def bench_ours(data: Data, p: train.TrainParams, width: int, steps: int) -> float:
@@ -164,7 +164,7 @@ def bench_ceiling(data: Data, p: train.TrainParams, width: int, warmup: int, ste
     """Images/s of the train stage's own step (`loop.train_step`) on one fixed batch
     already on the device, settings as ours: the model's cost without the data path."""
     s = training_settings(p, data.train_x.device)
-    net = resnet18(width=width)
+    net = train.build_model(width, p.bn_momentum, False)
     state = new_state(net, Run(p, s), steps=warmup + steps)
     net.train()
     forward = s.compiled(net)

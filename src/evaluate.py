@@ -10,7 +10,7 @@ Outputs: `paths.eval_report`/
 Inference runs in batches with mixed precision and channels_last where `auto`
 finds the device gains from them, by the train stage's rules; with `evaluate.tta`,
 each image's logits are averaged with those of copies shifted by one pixel. bf16 can move a
-prediction or two against fp32 (1 of 10,000 test images in README, "Speed");
+prediction or two against fp32 (1 of 10,000 test images in docs/speed.md);
 `evaluate.precision: fp32` gives exact fp32 metrics.
 """
 

@@ -35,10 +35,10 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from evaluate import EvaluateParams, inference_logits
-from pipeline.errors import PipelineError
+from evaluate import TTA_SHIFTS, inference_logits
+from pipeline.errors import ERROR_PREFIX, EXIT_ERROR, PipelineError
 from pipeline.model import load_model
-from pipeline.params import PARAMS_FILE, load_params, load_paths, read_params_file
+from pipeline.params import PARAMS_FILE, load_paths, read_params_file, require
 from pipeline.process import run
 from pipeline.settings import Device, Settings, inference_settings, pick_device
 from preprocess import resize
@@ -220,9 +220,10 @@ def evaluate_tta(params_file: Path = PARAMS_FILE) -> int:
     """The evaluate stage's test-time augmentation (`evaluate.tta`) where params.yaml
     has an `evaluate` section (predict also runs outside the project, with --model, or
     beside a params.yaml of paths alone): 0 elsewhere."""
-    if not params_file.exists() or "evaluate" not in (read_params_file(params_file) or {}):
-        return 0
-    return load_params(EvaluateParams, params_file).tta
+    section = (read_params_file(params_file) or {}) if params_file.exists() else {}
+    tta = (section.get("evaluate") or {}).get("tta", 0)  # an older section has none
+    require(tta in range(len(TTA_SHIFTS) + 1), "evaluate.tta", tta, f"0..{len(TTA_SHIFTS)}")
+    return tta
 
 
 def result(file: str, probabilities: Tensor) -> dict:
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             entries.append({"file": file})
         except ImageError as error:
             entries.append({"file": file, "error": str(error)})
-            print(f"error: {file}: {error}", file=sys.stderr)
+            print(f"{ERROR_PREFIX}{file}: {error}", file=sys.stderr)
     if digits:
         settings = inference_settings(device)
         probabilities = iter(predict(net, np.stack(digits), stats, settings, evaluate_tta()))
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
             if "error" not in entry:
                 print(describe(entry))
     if any("error" in e for e in entries):
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
 
 
 if __name__ == "__main__":
@@ -281,4 +282,4 @@ if __name__ == "__main__":
         # Python's advice (docs, "Note on SIGPIPE"): stdout to devnull, so that the
         # flush at exit does not raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)

@@ -13,6 +13,7 @@ from conftest import tiny_train_params
 
 import train
 from pipeline.checkpoint import KEEP_OTHER_RUNS, Checkpoint
+from pipeline.errors import PipelineError
 from pipeline.identity import SCHEDULING, run_id, training_recipe
 from pipeline.settings import training_settings
 
@@ -83,3 +84,32 @@ def test_an_unreadable_checkpoint_is_set_aside_and_named(
     assert line.endswith(f"set aside as {aside} (delete it when you like); training starts over")
     assert checkpoint.read() is None  # and the next try starts over without a word
     assert capsys.readouterr().out == ""
+
+
+def test_a_checkpoint_that_the_disk_fails_to_give_is_not_set_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read error of the disk or the network says so and stops: the file may be good,
+    and training from nothing would throw away hours."""
+    checkpoint = Checkpoint.of_run(tmp_path, "b" * 64)
+    checkpoint.path.write_bytes(b"a good checkpoint")
+
+    def failing(path: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("pipeline.checkpoint.load_torch", failing)
+    with pytest.raises(PipelineError, match=r"cannot read .*\.pt \(Input/output error\)"):
+        checkpoint.read()
+    assert checkpoint.path.read_bytes() == b"a good checkpoint"
+
+
+def test_processes_change_the_run_only_through_batchnorm(tmp_path: Path) -> None:
+    """Two CPU processes normalise half a batch each: another run. Two GPU processes with
+    SyncBatchNorm normalise the whole batch, as one does: the same run."""
+    p = tiny_train_params()
+    sections = {"model": train.ModelParams(width=4), "train": p}
+    cpu = training_settings(p, CPU)
+    one = training_recipe(sections, cpu, processes=1)
+    assert training_recipe(sections, cpu, processes=2) != one
+    synced = dataclasses.replace(cpu, sync_batchnorm=True)
+    assert training_recipe(sections, synced, processes=2) == one

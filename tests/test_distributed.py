@@ -1,4 +1,5 @@
-"""Data-parallel training (src/distributed.py) with Gloo on the CPU, and GPU claims.
+"""Data-parallel training (src/pipeline/distributed.py) with Gloo on the CPU, and GPU
+claims (src/pipeline/gpus.py).
 
 Two processes must train the model that one process trains with the same global
 batch. On CPUs torch has no SyncBatchNorm, so each process normalises its own half
@@ -280,6 +281,8 @@ LOST = "Traceback (most recent call last):\n...\nRuntimeError: [../third_party/g
 OOM = "Traceback (most recent call last):\n...\ntorch.OutOfMemoryError: CUDA out of memory.\n"
 # NCCL's words for a peer that is gone, and for an error of this rank's own GPU
 NCCL_LOST = "Traceback (most recent call last):\n...\ntorch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:2027, remote process exited or there was a network error, NCCL version 2.27.5\nncclRemoteError: A call failed possibly due to a network error or a remote process exiting prematurely.\n"  # noqa: E501
+GLOO_TIMEOUT = "Traceback (most recent call last):\n...\nRuntimeError: [../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms for recv operation to complete\n"  # noqa: E501
+NCCL_TIMEOUT = "[rank0]:[E] [PG ID 0 PG GUID 0(default_pg) Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE) ran for 600000 milliseconds before timing out.\n"  # noqa: E501
 NCCL_OWN = "Traceback (most recent call last):\n...\ntorch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:2027, unhandled cuda error (run with NCCL_DEBUG=INFO for details), NCCL version 2.27.5\nncclUnhandledCudaError: Call to CUDA function failed.\n"  # noqa: E501
 
 
@@ -298,6 +301,8 @@ NCCL_OWN = "Traceback (most recent call last):\n...\ntorch.distributed.DistBacke
         ({0: 1, 1: 1}, {0: LOST, 1: LOST}, 0),  # no evidence either way: the lower
         ({0: 1, 1: -9}, {0: NCCL_LOST, 1: ""}, 1),  # NCCL: its peer is gone
         ({0: -9, 1: 1}, {0: "", 1: NCCL_OWN}, 1),  # an NCCL error of its own: a cause
+        ({0: 1, 1: -9}, {0: GLOO_TIMEOUT, 1: ""}, 1),  # waited for its peer in vain
+        ({0: 1, 1: -9}, {0: NCCL_TIMEOUT, 1: ""}, 1),
     ],
 )
 def test_the_failure_named_is_the_cause_not_a_consequence(

@@ -61,7 +61,8 @@ def mnist(mnist_mirror: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def model_file(mnist: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small ResNet-18 trained on real MNIST with train.fit, saved as train.py saves it."""
+    """A small ResNet-18 trained on real MNIST with the train stage's loop, saved as
+    train.py saves it."""
     p = parse_section(
         train.TrainParams,
         yaml.safe_load(committed_params_text())["train"]

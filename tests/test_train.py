@@ -363,3 +363,47 @@ def test_ctrl_c_while_dvclive_queues_a_step_does_not_hang_its_end(
         assert live.step == 3  # epoch 2 was logged whole before the interrupt
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["step"] == 2 and summary["val"]["acc"] == 0.9
+
+
+def test_checkpoints_inside_epochs_come_every_interval_across_epoch_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """checkpoint_minutes counts from the last checkpoint written, not from the epoch's
+    start: with epochs shorter than the interval and none at epoch ends
+    (checkpoint_every 0), they still come. A clock of 10 s per look, every 30 s."""
+    clock = iter(range(0, 100_000, 10))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    written: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        Checkpoint,
+        "save",
+        lambda self, state: written.append((state.in_progress.epoch, state.in_progress.step)),
+    )
+    run_fit(tiny_params(checkpoint_every=0, checkpoint_minutes=0.5), tmp_path / "ckpt.pt")
+    epochs = {epoch for epoch, _ in written}
+    assert epochs == {1, 2, 3} and len(written) >= 6, written  # 24 steps: one every ~3
+
+
+def test_a_checkpoint_from_one_process_resumed_by_two_counts_each_figure_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On GPUs with SyncBatchNorm a run checkpointed inside an epoch by one process may be
+    resumed by several (the same run). Each is handed the main process's checkpoint:
+    the losses so far stay on every process (they are averaged over the processes at
+    the epoch's end), the correct counts only on the main one (they are summed)."""
+    params = tiny_params()
+    with monkeypatch.context() as patch:
+        interrupted_at(patch, epoch=2, step=3)
+        with pytest.raises(KeyboardInterrupt):
+            run_fit(dataclasses.replace(params, checkpoint_minutes=1e-9), tmp_path / "c.pt")
+    saved = Checkpoint(tmp_path / "c.pt", "run-a").read()
+    monkeypatch.setattr(loop.distributed, "from_main", lambda obj: saved)
+    second = loop.World(rank=1, size=2, local_rank=1, local_size=2)
+    run = dataclasses.replace(tiny_run(params, tmp_path / "c.pt"), world=second)
+    torch.manual_seed(0)
+    state = loop.new_state(resnet18(width=4), run, 8)
+    loop.resume(state, run, 8)
+    partial = state.in_progress
+    assert (partial.epoch, partial.step) == (2, 3)
+    assert torch.equal(partial.losses, saved["in_progress"]["losses"])
+    assert partial.correct.sum() == 0 and saved["in_progress"]["correct"].sum() > 0

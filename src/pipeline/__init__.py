@@ -10,8 +10,10 @@ import. Each module owns one concern:
     gpus         one run per GPU: the GPUs a run claims
     settings     the device, and what every `auto` setting resolves to there
     model        ResNet-18 for MNIST, inference, and the saved model file
-    augment      the random shifts of training batches, on the device
+    augment      augmentation of training batches on the device: shifts, rotations,
+                 scalings, Cutout
     optim        the optimiser and the learning-rate schedule
+    ema          the moving average of the weights
     loop         the training loop: epochs of steps, validation, resume
     checkpoint   a run's resume state: what it holds, where it is kept
     identity     which run a checkpoint belongs to

@@ -13,9 +13,11 @@ run starts over.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,10 @@ from torch import Tensor, nn
 from pipeline.ema import WeightAverage
 from pipeline.errors import PipelineError
 from pipeline.files import load_torch, save_torch
+from pipeline.progress import say
 
 KEEP_OTHER_RUNS = 3  # unfinished runs besides the current one: ~270 MB at width 64
+# (twice that with train.ema_decay: the average is a second copy of the weights)
 RUN_FILE = re.compile(r"[0-9a-f]{16}\.pt")  # what Checkpoint.of_run names; nothing else goes
 UNREADABLE = ".unreadable"  # suffix of a checkpoint set aside (<run>.unreadable.pt)
 
@@ -84,6 +88,7 @@ class TrainingState:
     history: list[dict[str, float]]  # one record per finished epoch
     in_progress: EpochInProgress | None = None
     ema: WeightAverage | None = None  # the weights' average, where train.ema_decay keeps one
+    saved_at: float = field(default_factory=time.perf_counter)  # last written (not saved)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -139,24 +144,29 @@ class Checkpoint:
             return None
         try:
             saved = load_torch(self.path)
-            run_id = saved.get("run_id")
-        except (PipelineError, KeyboardInterrupt):
-            raise
-        except Exception as error:  # truncated, or not a checkpoint at all
-            aside = self.path.with_name(f"{self.path.stem}{UNREADABLE}.pt")
-            os.replace(self.path, aside)
-            reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
-            print(
-                f"{self.path} could not be read ({reason or type(error).__name__}): set aside "
-                f"as {aside} (delete it when you like); training starts over"
-            )
+        except OSError as error:  # the disk or the network: the file may well be good
+            raise PipelineError(f"cannot read {self.path} ({error.strerror or error})") from None
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
+            saved = error  # cut short, or not a checkpoint at all
+        if not isinstance(saved, dict) or "run_id" not in saved:
+            self.set_aside(saved)
             return None
-        if run_id != self.run_id:
-            print(
-                f"ignoring {self.path}: it belongs to another run (params, device or data differ)"
-            )
+        if saved["run_id"] != self.run_id:
+            say(f"ignoring {self.path}: it belongs to another run (params, code or data differ)")
             return None
         return saved
+
+    def set_aside(self, error: object) -> None:
+        """Move an unreadable checkpoint out of the way, saying so: training starts over."""
+        aside = self.path.with_name(f"{self.path.stem}{UNREADABLE}.pt")
+        os.replace(self.path, aside)
+        failed = isinstance(error, Exception)
+        why = str(error).strip().splitlines()[0][:120] if failed and str(error).strip() else ""
+        why = why or (type(error).__name__ if failed else "no run in it")
+        say(
+            f"{self.path} could not be read ({why}): set aside as {aside} (delete it when "
+            "you like); training starts over"
+        )
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -49,6 +49,8 @@ LOST_PEER = (
     "ncclRemoteError",
     "remote process exited",
     "communicator was aborted",
+    "Timed out waiting",  # Gloo, its peer gone silent
+    "Watchdog caught collective operation timeout",  # NCCL, likewise
 )
 
 

@@ -1,9 +1,10 @@
-"""An exponential moving average of the weights (Polyak and Juditsky 1992; as in
-timm's ModelEmaV2): after every step, average <- decay * average + (1 - decay) *
-weights, BatchNorm's running statistics included. The average, not the last
-weights, is validated and saved when `train.ema_decay` is above 0. Its first steps
-use a smaller decay, (1 + step) / (10 + step), so that the average is not held
-near the random initialisation.
+"""An exponential moving average of the weights (Polyak and Juditsky 1992): after
+every step, average <- decay * average + (1 - decay) * weights, BatchNorm's running
+statistics included (as timm's ModelEmaV2 averages buffers). The average, not the
+last weights, is validated and saved when `train.ema_decay` is above 0. Its first
+steps use a smaller decay, (1 + step) / (10 + step) (TensorFlow's
+ExponentialMovingAverage with num_updates), so that the average is not held near
+the random initialisation. With it on, a checkpoint holds the weights twice.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class WeightAverage:
         self.steps = 0
         for parameter in self.net.parameters():
             parameter.requires_grad_(False)
+        self.tensors = list(self.net.state_dict().values())  # the same tensors, in place
 
     def rate(self) -> float:
         """The decay of this step: `decay`, less at first."""
@@ -31,8 +33,7 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         decay = self.rate()
-        averaged = list(self.net.state_dict().values())
-        current = list(net.state_dict().values())
+        averaged, current = self.tensors, list(net.state_dict().values())
         floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
         torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - decay)
         for a, c in zip(averaged, current, strict=True):

@@ -33,6 +33,7 @@ from pipeline.ema import WeightAverage
 from pipeline.errors import PipelineError
 from pipeline.model import normalise, predict_logits
 from pipeline.optim import make_optimizer, make_scheduler, mean_lr
+from pipeline.params import check
 from pipeline.progress import Progress, say
 from pipeline.settings import Settings
 
@@ -73,16 +74,9 @@ def seed_everything(seed: int) -> None:
 def steps_per_epoch(n: int, run: Run) -> int:
     """Full batches per epoch (the remainder is dropped: every step has one shape)."""
     p, processes = run.p, run.world.size
-    if p.batch_size > n:
-        raise PipelineError(
-            f"params.yaml: train.batch_size = {p.batch_size} is not allowed: "
-            f"at most the {n} training images"
-        )
-    if p.batch_size % processes:
-        raise PipelineError(
-            f"params.yaml: train.batch_size = {p.batch_size} is not allowed: "
-            f"a multiple of the {processes} training processes"
-        )
+    check(p, "batch_size", p.batch_size <= n, f"at most the {n} training images")
+    multiple = f"a multiple of the {processes} training processes"
+    check(p, "batch_size", p.batch_size % processes == 0, multiple)
     return n // p.batch_size
 
 
@@ -195,7 +189,7 @@ def train_one_epoch(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     current = start_epoch(state, epoch, len(data.train_y), steps, s.device)
     state.net.train()
-    start = last_saved = time.perf_counter()
+    start = time.perf_counter()
     for step in range(current.step, steps):
         indices = current.order[step * p.batch_size : (step + 1) * p.batch_size]
         x, y = batch(data, indices, run, state.generator)
@@ -205,14 +199,20 @@ def train_one_epoch(
             current.correct[step] = (logits.argmax(1) == y).sum()
         progress.update()
         now = time.perf_counter()
-        if due_mid_epoch(run, now - last_saved) and step + 1 < steps:
+        if due_mid_epoch(run, now - state.saved_at) and step + 1 < steps:
             current.step, current.seconds = step + 1, current.seconds + now - start
-            start = last_saved = now
+            start = now
             state.in_progress = current
-            run.checkpoint.save(state)
+            save(state, run)
     current.step, current.seconds = steps, current.seconds + time.perf_counter() - start
     state.in_progress = None
     return current
+
+
+def save(state: TrainingState, run: Run) -> None:
+    """Write the run's checkpoint; the clock of checkpoint_minutes starts again."""
+    run.checkpoint.save(state)
+    state.saved_at = time.perf_counter()
 
 
 def due_mid_epoch(run: Run, since_saved_s: float) -> bool:
@@ -277,7 +277,7 @@ def fit(net: nn.Module, data: Data, run: Run) -> Iterator[dict[str, float]]:
             state.history.append(record)
             due = p.checkpoint_every and epoch % p.checkpoint_every == 0 and epoch < p.epochs
             if due and run.checkpoint and run.world.main:
-                run.checkpoint.save(state)
+                save(state, run)
             if run.world.main:
                 yield record
     if state.ema:  # the model is the weights' average

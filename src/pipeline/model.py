@@ -123,7 +123,7 @@ def resnet18(width: int = 64, num_classes: int = NUM_CLASSES) -> ResNet:
 
 def normalise(images: Tensor, mean: float, std: float) -> Tensor:
     """uint8 images (N,1,H,W) -> float32, scaled to [0,1], then standardised."""
-    return (images.float().div_(255.0) - mean) / std
+    return (images.float() / 255.0 - mean) / std
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """What a training run shows while it runs: a bar over the run's steps on a
 terminal, a line with speed and time left every PROGRESS_EVERY_S elsewhere (a log,
 CI, `dvc queue logs`, where a bar would stay silent), and once the first steps are
-timed, how long the whole run will take on this machine. Lines printed through
+timed, how long the rest of the run will take on this machine. Lines printed through
 say() appear cleanly above the bar, never on its line.
 """
 
