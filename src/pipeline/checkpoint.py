@@ -88,7 +88,7 @@ class TrainingState:
     history: list[dict[str, float]]  # one record per finished epoch
     in_progress: EpochInProgress | None = None
     ema: WeightAverage | None = None  # the weights' average, where train.ema_decay keeps one
-    saved_at: float = field(default_factory=time.perf_counter)  # last written (not saved)
+    saved_at: float = field(default_factory=lambda: time.perf_counter())  # last written
 
     def snapshot(self) -> dict[str, Any]:
         return {
