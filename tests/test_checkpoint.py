@@ -113,3 +113,13 @@ def test_processes_change_the_run_only_through_batchnorm(tmp_path: Path) -> None
     assert training_recipe(sections, cpu, processes=2) != one
     synced = dataclasses.replace(cpu, sync_batchnorm=True)
     assert training_recipe(sections, synced, processes=2) == one
+
+
+def test_a_real_checkpoint_cut_short_is_set_aside(tmp_path: Path) -> None:
+    """As a full disk leaves it: torch reads such a zip as an OSError (EINVAL), which is
+    the file's fault, not the disk's."""
+    checkpoint = Checkpoint.of_run(tmp_path, "c" * 64)
+    torch.save({"run_id": "c" * 64, "model": {"w": torch.zeros(20_000)}}, checkpoint.path)
+    checkpoint.path.write_bytes(checkpoint.path.read_bytes()[:5000])
+    assert checkpoint.read() is None
+    assert (tmp_path / f"{'c' * 16}.unreadable.pt").exists() and not checkpoint.path.exists()

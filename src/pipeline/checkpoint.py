@@ -12,6 +12,7 @@ run starts over.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -33,6 +34,20 @@ KEEP_OTHER_RUNS = 3  # unfinished runs besides the current one: ~270 MB at width
 # (twice that with train.ema_decay: the average is a second copy of the weights)
 RUN_FILE = re.compile(r"[0-9a-f]{16}\.pt")  # what Checkpoint.of_run names; nothing else goes
 UNREADABLE = ".unreadable"  # suffix of a checkpoint set aside (<run>.unreadable.pt)
+# Read errors of the disk, the network or the system, not of the file's bytes: a
+# checkpoint that fails so is kept and the stage stops, as it may be read next time.
+NOT_THE_FILES_FAULT = {
+    errno.EIO,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENOMEM,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.ESTALE,
+    errno.ETIMEDOUT,
+}
 
 
 def rng_states(generator: torch.Generator) -> dict[str, Any]:
@@ -144,8 +159,10 @@ class Checkpoint:
             return None
         try:
             saved = load_torch(self.path)
-        except OSError as error:  # the disk or the network: the file may well be good
-            raise PipelineError(f"cannot read {self.path} ({error.strerror or error})") from None
+        except OSError as error:
+            if error.errno in NOT_THE_FILES_FAULT:  # the file may well be good: keep it
+                raise PipelineError(f"cannot read {self.path} ({error.strerror})") from None
+            saved = error  # torch reads a zip cut short as EINVAL, say
         except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
             saved = error  # cut short, or not a checkpoint at all
         if not isinstance(saved, dict) or "run_id" not in saved:
