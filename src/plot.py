@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import MaxNLocator
 
 from pipeline.errors import PipelineError
+from pipeline.figures import accuracy_axis, error_percent
 from pipeline.files import atomic_path, load_torch
 from pipeline.mnist import NUM_CLASSES
 from pipeline.model import load_model
@@ -36,10 +37,6 @@ from pipeline.process import run
 # The per-class axis is the same for every run, so that runs compare at a glance;
 # a class below its floor is drawn as a marker on the floor with its value.
 PER_CLASS_RANGE = (90.0, 100.0)  # accuracy, %
-# The training curves' accuracy axis: ticks at these errors (100 - accuracy, %), labelled
-# as accuracies; an error of 0 is drawn at the floor.
-ERROR_TICKS = (90, 50, 20, 10, 5, 2, 1, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01)
-ERROR_FLOOR = 0.01
 CPU = torch.device("cpu")
 
 
@@ -128,24 +125,6 @@ def run_label(model: Path, stats: Path, metrics: Path) -> str:
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def error_percent(accuracy: pd.Series) -> pd.Series:
-    """100 - accuracy in %, floored so that a perfect epoch still has a place on a log axis."""
-    return (100 * (1 - accuracy)).clip(lower=ERROR_FLOOR)
-
-
-def accuracy_axis(ax: plt.Axes, errors: pd.Series) -> None:
-    """An axis of the error (100 - accuracy, %) on a log scale, labelled in accuracy,
-    best at the top: 99% and 99.7% lie as far apart as 70% and 90%, so the late epochs,
-    where runs differ, are not squashed under the first one's 50%."""
-    ax.set_yscale("log")
-    low, high = errors.min() / 1.5, min(100.0, errors.max() * 1.5)
-    ax.set_ylim(high, low)  # inverted: a smaller error is higher up
-    ticks = [e for e in ERROR_TICKS if low <= e <= high]
-    ax.yaxis.set_major_locator(FixedLocator(ticks))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda e, _: f"{100 - e:.4g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def training_curves(history: pd.DataFrame, label: str) -> Figure:

@@ -46,6 +46,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.errors import PipelineError
+from pipeline.figures import accuracy_axis, error_percent
 from pipeline.files import atomic_path
 from pipeline.params import PARAMS_FILE
 from pipeline.process import run
@@ -376,26 +377,29 @@ def curves_at(rev: Revision, paths: dict[str, str]) -> dict[str, pd.Series]:
 
 
 def curves_figure(base: dict[str, pd.Series], head: dict[str, pd.Series], labels: tuple) -> Figure:
-    """Loss, accuracy and learning rate per epoch: base dashed, head solid."""
+    """Loss, accuracy and learning rate per epoch: base dashed, head solid; accuracy on
+    the plot stage's axis (the error on a log scale, pipeline.figures)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
     panels = (
-        (axes[0], ("train loss", "val loss"), "Loss (no smoothing)", 1.0),
-        (axes[1], ("train acc", "val acc"), "Accuracy (%)", 100.0),
-        (axes[2], ("lr",), "Learning rate (epoch mean)", 1.0),
+        (axes[0], ("train loss", "val loss"), "Loss (no smoothing)"),
+        (axes[1], ("train acc", "val acc"), "Accuracy (%, log scale of the error)"),
+        (axes[2], ("lr",), "Learning rate (epoch mean)"),
     )
     colours = {"train loss": "tab:blue", "val loss": "tab:orange", "lr": "tab:green"}
     colours |= {"train acc": "tab:blue", "val acc": "tab:orange"}
-    for ax, names, title, scale in panels:
+    for ax, names, title in panels:
+        drawn = []
         for curves, label, style, face in (
             (base, labels[0], "--", "none"),  # hollow markers: base
             (head, labels[1], "-", None),
         ):
             for name in names:
                 if name in curves:
-                    s = curves[name]
+                    s = error_percent(curves[name]) if name.endswith("acc") else curves[name]
+                    drawn.append(s)
                     ax.plot(
                         s.index,
-                        scale * s,
+                        s,
                         style,
                         color=colours[name],
                         marker="o",
@@ -403,6 +407,8 @@ def curves_figure(base: dict[str, pd.Series], head: dict[str, pd.Series], labels
                         markerfacecolor=face,
                         label=f"{name.split()[0]}: {label}",
                     )
+        if ax is axes[1] and drawn:
+            accuracy_axis(ax, pd.concat(drawn))
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)

@@ -33,9 +33,17 @@ TINY_FIXTURES = {"tiny_repo", "tiny_experiment"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests on the shared tiny repository last: the test processes run the others
-    first, and the first to need it builds it while the other one still has work."""
-    items.sort(key=lambda item: bool(TINY_FIXTURES & set(getattr(item, "fixturenames", ()))))
+    """The tests on the shared tiny repository last, the longest of them (marked
+    `first`) first among them: the test processes run the others first, the first to
+    need the repository builds it while the others still have work, and the longest
+    does not start last and end the run alone (pytest-xdist hands out this order)."""
+
+    def order(item: pytest.Item) -> int:
+        if not TINY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            return 0
+        return 1 if item.get_closest_marker("first") else 2
+
+    items.sort(key=order)
 
 
 def pytest_configure(config: pytest.Config) -> None:

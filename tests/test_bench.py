@@ -13,6 +13,7 @@ import pytest
 from conftest import run_cmd, write_params
 
 import bench
+import preprocess
 
 
 def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None:
@@ -24,7 +25,9 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         project,
         {"preprocess": {"train_limit": 0, "test_limit": 0}, "evaluate": {"batch_size": "auto"}},
     )
-    run_cmd([sys.executable, "src/preprocess.py"], cwd=project)
+    with pytest.MonkeyPatch.context() as patch:  # the stage, in this process
+        patch.chdir(project)
+        preprocess.main()
     result = run_cmd(
         [
             sys.executable,
@@ -136,7 +139,9 @@ def test_bench_scaling_runs_the_train_stage_with_each_number_of_processes(
     for name, data in synthetic_files.items():
         (raw / name).write_bytes(data)
     write_params(project, {"preprocess": {"train_limit": 0, "test_limit": 0}})
-    run_cmd([sys.executable, "src/preprocess.py"], cwd=project)
+    with pytest.MonkeyPatch.context() as patch:  # the stage, in this process
+        patch.chdir(project)
+        preprocess.main()
     result = run_cmd(
         [sys.executable, "src/bench.py", "--device", "cpu", "--width", "2", "--scaling"],
         cwd=project,

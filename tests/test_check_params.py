@@ -10,6 +10,7 @@ import torch
 import yaml
 from conftest import committed_params_text, run_cmd
 
+import check_params
 from check_params import CHECKED, check_document
 from pipeline import settings
 from pipeline.errors import PipelineError
@@ -74,14 +75,15 @@ def test_every_bad_value_is_named(document: object, message: str) -> None:
 
 
 def test_the_stage_writes_its_fixed_text_or_nothing(project: Path) -> None:
-    script = [sys.executable, "src/check_params.py"]
     output = project / "data/params_check.txt"
-    run_cmd(script, cwd=project)
+    with pytest.MonkeyPatch.context() as patch:  # the valid case in this process
+        patch.chdir(project)
+        check_params.main()
     assert output.read_text() == CHECKED
     output.unlink()
     text = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(text.replace("lr: 0.2", "lr: -1"))
-    failed = run_cmd(script, cwd=project, check=False)
+    failed = run_cmd([sys.executable, "src/check_params.py"], cwd=project, check=False)
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines() == [
         "error: params.yaml: train.lr = -1.0 is not allowed: a number > 0"

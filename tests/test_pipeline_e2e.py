@@ -134,27 +134,43 @@ def test_sharing_through_a_dvc_remote_and_a_git_remote(tiny_repo: TinyRepo, tmp_
     assert got.read_bytes() == (project / "models/model.pt").read_bytes()
 
 
+@pytest.mark.first
 def test_a_sweep_runs_through_dvc_s_queue_without_a_mirror(
     tiny_repo: TinyRepo, tmp_path: Path
 ) -> None:
-    """Two points queued and run by DVC's queue, each in a temporary copy of the
-    workspace that takes the data stages' outputs from the DVC cache: no mirror set."""
+    """A two-point sweep queued and run by DVC's queue, each point in a temporary copy of
+    the workspace that takes the data stages' outputs from the DVC cache (no mirror set);
+    the second point trains with two processes, as `dvc exp run -S train.processes=2`
+    does in the workspace."""
     project = copy_repo(tiny_repo.path, tmp_path / "project")
     dvc = dvc_cli(project, "")
 
-    def finished() -> bool:
+    def experiments_saved() -> int:
+        """Experiments the queue finished and saved (refs/exps/celery/ holds its own)."""
+        refs = run_cmd(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=project)
+        return sum(not ref.startswith("refs/exps/celery/") for ref in refs.stdout.split())
+
+    def queue_settled() -> bool:
         status = dvc("queue", "status")
         return "Queued" not in status and "Running" not in status
 
-    queued = dvc("exp", "run", "--queue", "-S", "train.lr=0.02,0.05")
+    queued = dvc("exp", "run", "--queue", "-S", "train.lr=0.02", "-S", "train.processes=1,2")
     assert queued.count("Queued experiment") == 2, queued
-    dvc("queue", "start", "-j", "1")
-    wait_until(finished, seconds=600, every=3)  # each look is a dvc process: not too often
+    dvc("queue", "start", "-j", "2")  # the two points side by side
+    # looked for cheaply (each `dvc queue status` costs a second of CPU): both saved, or
+    # the worker gone (it stops 10 s after the queue empties, after a failure too)
+    worker = lambda: processes_running(b"queue-worker", project)  # noqa: E731
+    wait_until(lambda: experiments_saved() == 2 or not worker(), seconds=600, every=0.5)
+    wait_until(queue_settled, seconds=30, every=1)
     status = dvc("queue", "status")
     assert status.count("Success") == 2, status
     rows = list(csv.DictReader(io.StringIO(dvc("exp", "show", "--csv"))))
-    swept = {row["train.lr"]: row["test.accuracy"] for row in rows if row["Experiment"]}
-    assert {"0.02", "0.05"} <= set(swept) and all(swept[lr] for lr in ("0.02", "0.05")), swept
+    swept = {row["train.processes"]: row for row in rows if row["Experiment"]}
+    assert set(swept) == {"1", "2"}, rows
+    assert all(row["train.lr"] == "0.02" and row["test.accuracy"] for row in swept.values())
+    two = dvc("queue", "logs", swept["2"]["Experiment"])
+    assert "starting 2 training processes on the CPU (Gloo)" in two, two
+    assert "starting 2 training processes" not in dvc("queue", "logs", swept["1"]["Experiment"])
 
 
 def test_a_refused_value_is_undone_by_git_checkout_every_time(
@@ -180,27 +196,20 @@ def test_a_refused_value_is_undone_by_git_checkout_every_time(
         assert (clone / "params.yaml").read_text() == committed
 
 
-def test_experiments_are_compared_and_bad_values_refused(
-    tiny_experiment: TinyRepo, tmp_path: Path, mnist_mirror: str
+def test_bad_values_are_refused_before_any_output_is_touched(
+    tiny_repo: TinyRepo, tmp_path: Path, mnist_mirror: str
 ) -> None:
-    project = copy_repo(tiny_experiment.path, tmp_path / "project")
-    dvc = dvc_cli(project, mnist_mirror)
-    # an experiment on a train param reran train and its descendants only
-    assert ran(tiny_experiment.first_repro) == ["check_params", "train", "evaluate", "plot"]
-    run_cmd(["git", "stash", "-q"], cwd=project)  # HEAD's results back in the workspace
-    dvc("checkout")
-
-    # a bad value, a misspelt key or a device this machine lacks fails before any
-    # stage's outputs are touched
+    """A bad value, a misspelt key or a device this machine lacks fails in the first
+    stage, before DVC deletes any stage's outputs."""
+    project = copy_repo(tiny_repo.path, tmp_path / "project")
     outputs = ["models/model.pt", "reports/eval/metrics.json", "reports/plots/misclassified.png"]
     before = {path: (project / path).read_bytes() for path in outputs}
     refusals = [
         ("train.lr=abc", "train.lr = 'abc' is not allowed: a finite number"),
         ("+train.learnign_rate=0.1", "unknown key 'train.learnign_rate' (did you mean"),
     ]
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # evaluate.device alike: tests/test_check_params.py
         refusals.append(("train.device=cuda", "train.device = 'cuda' is not allowed: torch "))
-        refusals.append(("evaluate.device=cuda", "evaluate.device = 'cuda' is not allowed"))
     for bad, message in refusals:
         result = run_cmd(
             [sys.executable, "-m", "dvc", "exp", "run", "-S", bad],
@@ -214,8 +223,14 @@ def test_experiments_are_compared_and_bad_values_refused(
         assert {path: (project / path).read_bytes() for path in outputs} == before, bad
         run_cmd(["git", "checkout", "--", "params.yaml"], cwd=project)
 
-    run_cmd(["git", "stash", "pop", "-q"], cwd=project)  # the experiment's, applied
-    dvc("checkout")
+
+def test_experiments_are_compared_and_shared(
+    tiny_experiment: TinyRepo, tmp_path: Path, mnist_mirror: str
+) -> None:
+    project = copy_repo(tiny_experiment.path, tmp_path / "project")
+    dvc = dvc_cli(project, mnist_mirror)
+    # an experiment on a train param reran train and its descendants only
+    assert ran(tiny_experiment.first_repro) == ["check_params", "train", "evaluate", "plot"]
     shown = dvc("exp", "show", "--csv")
     assert LOW_LR in shown and "0.01" in shown
     header = shown.splitlines()[0]
@@ -230,7 +245,8 @@ def test_experiments_are_compared_and_bad_values_refused(
         assert column in header, column
     metrics = dvc("metrics", "diff", "--all")
     assert "test.accuracy" in metrics and "test.loss" in metrics and "val.acc" in metrics
-    assert "train.lr" in dvc("params", "diff") and "0.01" in dvc("params", "diff")
+    params = dvc("params", "diff")
+    assert "train.lr" in params and "0.01" in params
 
     # plots: the curves, the confusion matrix and the images, for one run or compared
     dvc("plots", "show", "-o", "plots_show")
@@ -308,10 +324,23 @@ def stage_pids(project: Path) -> list[int]:
     return processes_running(b"src/", project)
 
 
-def interrupted_repro(project: Path, mirror: str, target: str, signum: int) -> Path:
-    """`dvc repro` from nothing, stopped in epoch 2 of 4 by `signum` to the `target`
-    ("dvc", or the train "stage"); the checkpoint it left."""
-    new_repo(project, INTERRUPTED)
+@pytest.fixture(scope="session")
+def interrupted_data(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: str) -> Path:
+    """A repository with the INTERRUPTED params whose data stages have run (committed):
+    where the interrupted runs below start. Built once for all test processes."""
+    with built_once(tmp_path_factory, "interrupted-data") as folder:
+        project = folder / "project"
+        if not project.exists():
+            new_repo(make_project(project), INTERRUPTED)
+            dvc_cli(project, mnist_mirror)("repro", "preprocess")
+            commit(project, "data")
+        return project
+
+
+def interrupted_repro(data: Path, project: Path, mirror: str, target: str, signum: int) -> Path:
+    """`dvc repro` in a copy of `data` at `project`, stopped in epoch 2 of 4 by `signum`
+    to the `target` ("dvc", or the train "stage"); the checkpoint it left."""
+    copy_repo(data, project)
     checkpoints = project / "models/checkpoints"
     repro = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro"],
@@ -356,15 +385,19 @@ def finished(project: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def started_over(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: str) -> dict:
+def started_over(
+    tmp_path_factory: pytest.TempPathFactory, mnist_mirror: str, interrupted_data: Path
+) -> dict:
     """A run stopped by Ctrl-C to its train stage in epoch 2 of 4, whose checkpoint is
     then found cut short (a full disk, a copy that stopped): the next `dvc repro` sets
     it aside, names it and starts over, so the run it finishes is never interrupted.
     Built once for all test processes."""
     with built_once(tmp_path_factory, "started-over") as folder:
         if not (folder / "done.json").exists():
-            project = make_project(folder / "project")
-            checkpoint = interrupted_repro(project, mnist_mirror, "stage", signal.SIGINT)
+            project = folder / "project"
+            checkpoint = interrupted_repro(
+                interrupted_data, project, mnist_mirror, "stage", signal.SIGINT
+            )
             checkpoint.write_bytes(checkpoint.read_bytes()[:5000])
             again = dvc_cli(project, mnist_mirror)("repro")
             aside = checkpoint.with_name(f"{checkpoint.stem}.unreadable.pt")
@@ -387,16 +420,16 @@ def test_a_checkpoint_cut_short_is_set_aside_and_the_run_learns(started_over: di
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the stage's process in /proc")
 def test_killed_dvc_resumes_to_the_model_of_an_uninterrupted_run(
-    tmp_path: Path, mnist_mirror: str, request: pytest.FixtureRequest
+    tmp_path: Path, mnist_mirror: str, interrupted_data: Path, request: pytest.FixtureRequest
 ) -> None:
     """SIGKILL to `dvc` in epoch 2 of 4 (the stage stops with it); an experiment with
     other params runs in between, keeping the checkpoint; `dvc repro` resumes from it
     and ends with the weights and curves of a run never interrupted (CPU, same seed)."""
     project = tmp_path / "resumed"
-    checkpoint = interrupted_repro(make_project(project), mnist_mirror, "dvc", signal.SIGKILL)
+    checkpoint = interrupted_repro(interrupted_data, project, mnist_mirror, "dvc", signal.SIGKILL)
     dvc = dvc_cli(project, mnist_mirror)
-    exp = dvc("exp", "run", "-S", "train.lr=0.05", "-S", "train.epochs=1")
-    assert ran(exp) == ["check_params", "train", "evaluate", "plot"]
+    exp = dvc("exp", "run", "train", "-S", "train.lr=0.05", "-S", "train.epochs=1")
+    assert ran(exp) == ["check_params", "train"]
     assert list(checkpoint.parent.glob("*.pt")) == [checkpoint]
     run_cmd(["git", "checkout", "--", "params.yaml"], cwd=project)
     resumed = dvc("repro")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import LOW_LR, LOW_LR_VALUE, ROOT, TinyRepo, copy_repo, run_cmd
@@ -154,6 +155,25 @@ def test_stale_stages_are_those_whose_code_or_params_changed() -> None:
     }
     assert report.stale_stages(status) == ["train", "evaluate"]
     assert report.stale_stages({}) == []
+
+
+def test_curves_show_accuracy_as_the_plot_stage_does() -> None:
+    """The accuracy panel on the plot stage's axis (the error on a log scale, labelled in
+    accuracy, better higher up): base at 60%, 99%, 99.5%, head a little better."""
+    index = pd.Index([1, 2, 3], name="step")
+    base = {"val acc": pd.Series([0.6, 0.99, 0.995], index=index)}
+    head = {"val acc": pd.Series([0.7, 0.992, 0.997], index=index)}
+    fig = report.curves_figure(base, head, ("main", "exp"))
+    fig.canvas.draw()
+    ax = fig.axes[1]
+    assert ax.get_yscale() == "log"
+    for line in ax.get_lines():
+        _, y = ax.transData.transform(line.get_xydata()).T  # display pixels, up is larger
+        assert y[2] > y[1] > y[0]
+    assert {"99", "99.5"} <= {t.get_text() for t in ax.get_yticklabels()}
+    base_line, head_line = ax.get_lines()
+    assert list(base_line.get_ydata()) == pytest.approx([40.0, 1.0, 0.5])  # errors, %
+    assert list(head_line.get_ydata()) == pytest.approx([30.0, 0.8, 0.3])
 
 
 def test_output_folder_replaces_only_an_earlier_report(tmp_path: Path) -> None:
