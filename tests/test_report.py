@@ -17,29 +17,31 @@ import yaml
 from conftest import LOW_LR, LOW_LR_VALUE, ROOT, TinyRepo, copy_repo, run_cmd
 
 import report
+from pipeline import comparison, revisions
+from pipeline.comparison import Change
 from pipeline.errors import PipelineError
-from report import Change, Revision
+from pipeline.revisions import Revision
 
 # --------------------------------------------------------------------------- parts
 
 # Every metric the pipeline writes, and which way it is better: a new metric fails
 # test_every_metric_of_the_pipeline_has_its_direction until it is added here.
 DIRECTIONS = {
-    "test.accuracy": report.HIGHER_IS_BETTER,
-    "test.macro_f1": report.HIGHER_IS_BETTER,
-    "test.loss": report.LOWER_IS_BETTER,
-    "test.errors": report.LOWER_IS_BETTER,
-    "test.images": report.NEUTRAL,
-    "val.acc": report.HIGHER_IS_BETTER,
-    "val.loss": report.LOWER_IS_BETTER,
-    "train.acc": report.HIGHER_IS_BETTER,
-    "train.loss": report.LOWER_IS_BETTER,
-    "lr": report.NEUTRAL,
-    "step": report.NEUTRAL,
-    "epoch_time_s": report.DURATION,
-    "train_time_s": report.DURATION,
-    "images_per_s": report.RATE,
-    "train_images_per_s": report.RATE,
+    "test.accuracy": comparison.HIGHER_IS_BETTER,
+    "test.macro_f1": comparison.HIGHER_IS_BETTER,
+    "test.loss": comparison.LOWER_IS_BETTER,
+    "test.errors": comparison.LOWER_IS_BETTER,
+    "test.images": comparison.NEUTRAL,
+    "val.acc": comparison.HIGHER_IS_BETTER,
+    "val.loss": comparison.LOWER_IS_BETTER,
+    "train.acc": comparison.HIGHER_IS_BETTER,
+    "train.loss": comparison.LOWER_IS_BETTER,
+    "lr": comparison.NEUTRAL,
+    "step": comparison.NEUTRAL,
+    "epoch_time_s": comparison.DURATION,
+    "train_time_s": comparison.DURATION,
+    "images_per_s": comparison.RATE,
+    "train_images_per_s": comparison.RATE,
 }
 
 
@@ -59,7 +61,7 @@ def test_every_metric_of_the_pipeline_has_its_direction() -> None:
         written |= flat_keys(json.loads((ROOT / path).read_text()))
     assert written == set(DIRECTIONS)
     for metric, sense in DIRECTIONS.items():
-        assert report.sense_of(metric) is sense, metric
+        assert comparison.sense_of(metric) is sense, metric
 
 
 @pytest.mark.parametrize(
@@ -82,14 +84,14 @@ def test_verdict(metric: str, old: float | None, new: float | None, verdict: str
 
 
 def test_numbers_keep_six_significant_digits() -> None:
-    assert report.number(0.9969) == "0.9969"
-    assert report.number(0.10364321619272232) == "0.103643"
-    assert report.number(17179.436581345995) == "17,179.4"
-    assert report.number(10000) == "10,000"
-    assert report.number(0.00029999999999996696, sign=True) == "+0.0003"
-    assert report.number(-3, sign=True) == "-3"
-    assert report.number(0.0, sign=True) == "+0"
-    assert report.number(None) == "—"
+    assert comparison.number(0.9969) == "0.9969"
+    assert comparison.number(0.10364321619272232) == "0.103643"
+    assert comparison.number(17179.436581345995) == "17,179.4"
+    assert comparison.number(10000) == "10,000"
+    assert comparison.number(0.00029999999999996696, sign=True) == "+0.0003"
+    assert comparison.number(-3, sign=True) == "-3"
+    assert comparison.number(0.0, sign=True) == "+0"
+    assert comparison.number(None) == "—"
 
 
 def test_table_puts_the_test_set_first_and_timing_last() -> None:
@@ -104,14 +106,16 @@ def test_table_puts_the_test_set_first_and_timing_last() -> None:
             "test.note": {"old": "a", "new": "b"},  # not a number: left out
         },
     }
-    changes = report.changes_of(diff)
+    changes = comparison.changes_of(diff)
     assert [c.metric for c in changes] == ["test.loss", "val.acc", "lr", "train_time_s"]
-    table = report.metrics_table(changes, Revision("main", "a" * 40), Revision("workspace", None))
+    table = comparison.metrics_table(
+        changes, Revision("main", "a" * 40), Revision("workspace", None)
+    )
     lines = table.splitlines()
     assert lines[0] == "| Metric | Better | main (aaaaaaa) | workspace | Change | Verdict |"
     assert lines[2] == "| test.loss | ↓ | 0.2 | 0.1 | -0.1 | **better** |"
     assert lines[5] == "| train_time_s | ↓ (speed) | 20 | 10 | -10 | faster |"
-    assert report.summary(changes) == "Quality metrics: 2 better, 0 worse, 0 unchanged."
+    assert comparison.summary(changes) == "Quality metrics: 2 better, 0 worse, 0 unchanged."
 
 
 def test_a_metric_in_two_files_is_named_with_its_file() -> None:
@@ -119,7 +123,9 @@ def test_a_metric_in_two_files_is_named_with_its_file() -> None:
         "a/metrics.json": {"test.loss": {"old": 0.2, "new": 0.1}},
         "b/metrics.json": {"test.loss": {"old": 0.3, "new": 0.4}},
     }
-    table = report.metrics_table(report.changes_of(diff), Revision("x", None), Revision("y", None))
+    table = comparison.metrics_table(
+        comparison.changes_of(diff), Revision("x", None), Revision("y", None)
+    )
     assert "| a/metrics.json: test.loss |" in table
     assert "| b/metrics.json: test.loss |" in table
 
@@ -134,7 +140,7 @@ def test_params_table_shows_values_as_yaml() -> None:
             "train.new_key": {"old": None, "new": 3},
         }
     }
-    assert report.params_table(diff, base, head).splitlines() == [
+    assert comparison.params_table(diff, base, head).splitlines() == [
         "| Param | main (bbbbbbb) | exp-1 (ccccccc) |",
         "|---|--:|--:|",
         "| data.mirrors | `[a/, b/]` | `[a/]` |",
@@ -142,7 +148,7 @@ def test_params_table_shows_values_as_yaml() -> None:
         "| train.nesterov | `true` | `false` |",
         "| train.new_key | — | `3` |",
     ]
-    assert report.params_table({}, base, head) == "No params changed."
+    assert comparison.params_table({}, base, head) == "No params changed."
 
 
 def test_stale_stages_are_those_whose_code_or_params_changed() -> None:
@@ -153,8 +159,8 @@ def test_stale_stages_are_those_whose_code_or_params_changed() -> None:
         "train": [{"changed deps": {"params.yaml": {"train.lr": "modified"}}}],
         "evaluate": [{"changed deps": {"src/evaluate.py": "modified"}}],
     }
-    assert report.stale_stages(status) == ["train", "evaluate"]
-    assert report.stale_stages({}) == []
+    assert revisions.stale_stages(status) == ["train", "evaluate"]
+    assert revisions.stale_stages({}) == []
 
 
 def test_curves_show_accuracy_as_the_plot_stage_does() -> None:
@@ -206,19 +212,19 @@ def test_revisions_are_git_names_then_experiment_names(
         run_cmd(["git", "commit", "-q", "--allow-empty", "-m", message], cwd=tmp_path)
     one, two = (git(tmp_path, "rev-parse", rev) for rev in ("HEAD~1", "HEAD"))
     run_cmd(["git", "update-ref", f"refs/exps/{two[:2]}/{two[2:]}/tidy-dogs", one], cwd=tmp_path)
-    assert report.resolve("tidy-dogs") == Revision("tidy-dogs", one)
-    assert report.resolve("tidy-dogs").label == f"tidy-dogs ({one[:7]})"
-    assert report.resolve("HEAD~1") == Revision("HEAD~1", one)
-    assert report.resolve(one[:9]).label == one[:7]
-    assert report.resolve("workspace") == Revision("workspace", None)
+    assert revisions.resolve("tidy-dogs") == Revision("tidy-dogs", one)
+    assert revisions.resolve("tidy-dogs").label == f"tidy-dogs ({one[:7]})"
+    assert revisions.resolve("HEAD~1") == Revision("HEAD~1", one)
+    assert revisions.resolve(one[:9]).label == one[:7]
+    assert revisions.resolve("workspace") == Revision("workspace", None)
     run_cmd(["git", "branch", "tidy-dogs", two], cwd=tmp_path)
-    assert report.resolve("tidy-dogs").sha == two  # the branch
+    assert revisions.resolve("tidy-dogs").sha == two  # the branch
     run_cmd(["git", "branch", "-D", "tidy-dogs"], cwd=tmp_path)
     run_cmd(["git", "update-ref", f"refs/exps/{one[:2]}/{one[2:]}/tidy-dogs", two], cwd=tmp_path)
     with pytest.raises(PipelineError, match="'tidy-dogs' is ambiguous: 2 DVC experiments"):
-        report.resolve("tidy-dogs")
+        revisions.resolve("tidy-dogs")
     with pytest.raises(PipelineError, match="unknown revision 'nope'"):
-        report.resolve("nope")
+        revisions.resolve("nope")
 
 
 def test_outside_a_dvc_project_it_says_so(tmp_path: Path) -> None:
@@ -299,7 +305,7 @@ def check_against_dvc(markdown: str, diff: dict, base: str, head: str) -> None:
         shown = (value(row[base]), value(row[head]), value(row["Change"]))
         for got, want in zip(shown, (values["old"], values["new"], values["diff"]), strict=True):
             assert got == pytest.approx(want, rel=1e-5, abs=1e-12), (metric, row)
-        sense = report.sense_of(metric)
+        sense = comparison.sense_of(metric)
         rise = values["diff"] > 0
         verdict = "same" if values["diff"] == 0 else sense.rise if rise else sense.fall
         assert row["Verdict"].strip("*") == verdict, (metric, row)
