@@ -8,7 +8,8 @@ On one device, in one run, measures training images/s for
               Normalize through a DataLoader, fp32, eager: the seed README's loop;
   ceiling     forward+backward+step on one fixed batch already on the device,
               with the same settings as ours (no data path at all);
-then ours with each option of `--ablate` flipped from what `auto` chose, the
+then ours with each option of `--ablate` flipped from what `auto` chose (and
+`augment`: the rotation, scaling and Cutout on or off, their cost), the
 evaluate stage's images/s (as params.yaml's `evaluate` section resolves on the
 device, `auto` by default; at the other `auto` batch size; and with each of
 `--ablate`'s precision and channels_last flipped),
@@ -70,7 +71,10 @@ PEAK_TFLOPS = {
     "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.7},
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
 }
-OPTIONS = ("precision", "channels_last", "compile", "cuda_graphs", "fused_optimizer")
+OPTIONS = ("precision", "channels_last", "compile", "cuda_graphs", "fused_optimizer", "augment")
+# What `--ablate augment` turns on where params.yaml has no augmentation but the shift:
+# the recipe study's candidate (docs/recipe.md); where it has some, the flip turns it off.
+AUGMENT = {"max_rotate": 10.0, "max_scale": 0.1, "cutout": 8}
 
 
 def sync(device: torch.device) -> None:
@@ -264,12 +268,22 @@ def flipped_switch(option: str, value: bool) -> tuple[str, dict]:
     return f"{option} {not value}", {option: not value}
 
 
+def flipped_augment(p: train.TrainParams) -> tuple[str, dict]:
+    """A label and the change that turns the rotation, scaling and Cutout off if any is
+    on, else on at AUGMENT's values: their cost is ours against this row."""
+    if any(getattr(p, key) for key in AUGMENT):
+        return "augment off", {"max_rotate": 0.0, "max_scale": 0.0, "cutout": 0}
+    return "augment on", dict(AUGMENT)
+
+
 def flipped(p: train.TrainParams, s: Settings, option: str) -> tuple[str, train.TrainParams]:
     """`p` with `option` set opposite to what auto chose, and a label for it."""
     if option not in OPTIONS:
         raise PipelineError(f"--ablate: unknown option '{option}' (one of {', '.join(OPTIONS)})")
     if option == "precision":
         label, changes = flipped_precision(s.precision)
+    elif option == "augment":
+        label, changes = flipped_augment(p)
     else:
         label, changes = flipped_switch(option, getattr(s, option))
     if option == "cuda_graphs" and changes["cuda_graphs"]:
@@ -334,7 +348,8 @@ def parse_args() -> argparse.Namespace:
         "--ablate",
         default=None,
         help=f"options to flip from auto, comma-separated, of {', '.join(OPTIONS)}"
-        " (default: all on CUDA, channels_last elsewhere; '' for none)",
+        " (augment: the rotation, scaling and Cutout; default: all on CUDA, channels_last"
+        " elsewhere; '' for none)",
     )
     parser.add_argument(
         "--scaling",

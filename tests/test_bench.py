@@ -4,16 +4,20 @@ assertions on the timings themselves: machines are noisy)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cmd, write_params
+import torch
+import yaml
+from conftest import run_cmd, tiny_train_params, write_params
 
 import bench
 import preprocess
+from pipeline.settings import training_settings
 
 
 def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None:
@@ -45,7 +49,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
             "--seed-workers",
             "0",
             "--ablate",
-            "channels_last,precision",
+            "channels_last,precision,augment",
             "--profile",
         ],
         cwd=project,
@@ -58,12 +62,16 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     auto = re.fullmatch(r"device cpu, precision (fp32|bf16), .*", summary["settings"])[1]
     other_precision = "precision fp32" if auto == "bf16" else "precision bf16"
     output = result.stdout  # the table, the JSON line, then --profile's op table
+    train_params = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    augmented = any(train_params[key] for key in ("max_rotate", "max_scale", "cutout"))
+    augment_row = "ours, augment " + ("off" if augmented else "on")
     for row in (
         "ours ",
         "seed-style",
         "ceiling",
         "ours, channels_last False",
         f"ours, {other_precision}",
+        augment_row,
         "evaluate",
         "evaluate, batch 1024",  # the evaluation batch flipped from auto's 64 on a CPU
         f"evaluate, {other_precision}",  # --ablate's options flip in evaluate too
@@ -88,6 +96,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "evaluate, channels_last False",
         "ours, channels_last False",
         f"ours, {other_precision}",
+        augment_row,
     }
     # the table: one row per figure of the JSON, each with the same numbers; "vs auto" is
     # a training row over ours, an evaluate row over the evaluate stage as auto runs it
@@ -124,6 +133,19 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     assert summary["repeats"] == 2  # the default: each figure is the best of two
     assert set(summary["min_over_max"]) == set(summary["images_per_s"])
     assert all(0 < v <= 1 for v in summary["min_over_max"].values())
+
+
+def test_augment_flips_the_rotation_scaling_and_cutout_together() -> None:
+    p = tiny_train_params()  # the committed train section: whatever augmentation it has
+    off = dataclasses.replace(p, max_rotate=0.0, max_scale=0.0, cutout=0)
+    settings = training_settings(off, torch.device("cpu"))
+    label, on = bench.flipped(off, settings, "augment")
+    assert label == "augment on"
+    assert (on.max_rotate, on.max_scale, on.cutout) == (10.0, 0.1, 8)
+    assert dataclasses.replace(on, max_rotate=0.0, max_scale=0.0, cutout=0) == off  # only those
+    for partly in (dataclasses.replace(off, cutout=4), dataclasses.replace(off, max_scale=0.2)):
+        label, back = bench.flipped(partly, settings, "augment")
+        assert label == "augment off" and back == off
 
 
 def test_flop_count_of_resnet18() -> None:
