@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -46,16 +44,23 @@ import torch
 import yaml
 from torch import nn
 from torch.autograd import DeviceType
-from torch.utils.flop_counter import FlopCounterMode
 
 import evaluate
 import train
 from pipeline.errors import PipelineError
 from pipeline.loop import Data, Run, fit, new_state, train_step
-from pipeline.mnist import RAW_FILES
+from pipeline.measure import (
+    PEAK_TFLOPS,
+    hardware,
+    peak_memory_mib,
+    sync,
+    timed,
+    training_flops_per_image,
+)
 from pipeline.model import normalise, resnet18
 from pipeline.params import load_params, load_paths
 from pipeline.process import run
+from pipeline.seed_style import bench_seed_style
 from pipeline.settings import (
     EVAL_BATCH_AUTO,
     Settings,
@@ -64,44 +69,10 @@ from pipeline.settings import (
     training_settings,
 )
 
-# Dense peak TFLOP/s by GPU name and autocast precision (vendor data sheets, SXM parts).
-# "fp32" is TF32: cuDNN runs fp32 convolutions on TF32 tensor cores by default.
-PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.7},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.7},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
-}
 OPTIONS = ("precision", "channels_last", "compile", "cuda_graphs", "fused_optimizer", "augment")
 # What `--ablate augment` turns on where params.yaml has no augmentation but the shift:
 # the recipe study's candidate (docs/recipe.md); where it has some, the flip turns it off.
 AUGMENT = {"max_rotate": 10.0, "max_scale": 0.1, "cutout": 8}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def training_flops_per_image(width: int) -> float:
-    """FLOPs of forward + backward for one 32x32 image (torch's FLOP counter)."""
-    net = resnet18(width=width)
-    with FlopCounterMode(display=False) as counter:
-        net(torch.zeros(1, 1, 32, 32)).sum().backward()
-    return float(counter.get_total_flops())
-
-
-def timed(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
-    """Seconds for `steps` calls of step() after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def fit_epochs(data: Data, p: train.TrainParams, width: int, steps: int) -> Iterator[dict]:
@@ -180,50 +151,6 @@ def bench_ceiling(data: Data, p: train.TrainParams, width: int, warmup: int, ste
     return steps * p.batch_size / timed(step, warmup, steps, s.device)
 
 
-def bench_seed_style(
-    raw: Path,
-    device: torch.device,
-    width: int,
-    batch_size: int,
-    workers: int,
-    warmup: int,
-    steps: int,
-) -> float:
-    """Images/s of the seed's loop: torchvision MNIST + per-image transforms + DataLoader."""
-    from torchvision import datasets, transforms
-
-    with tempfile.TemporaryDirectory() as root:
-        folder = Path(root) / "MNIST" / "raw"  # the layout torchvision's MNIST expects
-        folder.mkdir(parents=True)
-        for name in RAW_FILES.values():
-            (folder / name).symlink_to((raw / name).resolve())
-        normalize = transforms.Normalize((0.1307,), (0.3081,))
-        transform = transforms.Compose([transforms.Resize(32), transforms.ToTensor(), normalize])
-        dataset = datasets.MNIST(root, train=True, download=False, transform=transform)
-        if (warmup + steps) * batch_size > len(dataset):
-            raise PipelineError(f"--warmup + --steps of {batch_size} exceed {len(dataset)} images")
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=True,
-            num_workers=workers,
-            drop_last=True,
-            pin_memory=device.type == "cuda",
-        )
-        net = resnet18(width=width).to(device).train()
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        batches = iter(loader)
-
-        def step() -> None:
-            x, y = next(batches)
-            loss = nn.functional.cross_entropy(net(x.to(device)), y.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-        return steps * batch_size / timed(step, warmup, steps, device)
-
-
 def bench_evaluate(data: Data, width: int, images: int, s: Settings) -> float:
     """Images/s of the evaluate stage's inference (`evaluate.inference_logits`) run as `s`
     says, on the first `images` validation images."""
@@ -232,29 +159,6 @@ def bench_evaluate(data: Data, width: int, images: int, s: Settings) -> float:
     stats = {"mean": data.mean, "std": data.std}
     seconds = timed(lambda: evaluate.inference_logits(net, x, stats, s), 1, 1, x.device)
     return len(x) / seconds
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak device memory since the last reset on CUDA; elsewhere the process's peak
-    resident memory so far (it never goes down, so only the largest row means much)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes vs KiB
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return f"Apple MPS ({platform.machine()})"
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-        platform.processor() or platform.machine(),
-    )
-    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def flipped_precision(precision: str) -> tuple[str, dict]:

@@ -17,6 +17,7 @@ from conftest import run_cmd, tiny_train_params, write_params
 
 import bench
 import preprocess
+from pipeline.measure import training_flops_per_image
 from pipeline.settings import training_settings
 
 
@@ -121,7 +122,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     for ratio, slower in ((seed_style, "seed-style"), (ceiling, "ceiling")):
         rounding = (0.005 / speed["ours"] + 0.005 / speed[slower]) * ratio + 5e-4
         assert ratio == pytest.approx(speed["ours"] / speed[slower], abs=rounding), slower
-    flops = bench.training_flops_per_image(2)
+    flops = training_flops_per_image(2)
     assert summary["train_gflop_per_image"] == round(flops / 1e9, 3)
     assert summary["ours_tflops"] == pytest.approx(speed["ours"] * flops / 1e12, abs=6e-5)
     assert summary["device"] == "cpu" and summary["width"] == 2 and summary["batch_size"] == 16
@@ -150,7 +151,7 @@ def test_augment_flips_the_rotation_scaling_and_cutout_together() -> None:
 
 def test_flop_count_of_resnet18() -> None:
     # about 3.3 GFLOP per training image at width 64 (forward ~1.1, backward ~2x that)
-    assert 3.0e9 < bench.training_flops_per_image(64) < 3.6e9
+    assert 3.0e9 < training_flops_per_image(64) < 3.6e9
 
 
 def test_bench_scaling_runs_the_train_stage_with_each_number_of_processes(
