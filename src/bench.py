@@ -32,21 +32,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from torch.autograd import DeviceType
 
 import evaluate
 import train
+from pipeline.ablation import OPTIONS, flipped, flipped_precision, flipped_switch
 from pipeline.errors import PipelineError
 from pipeline.loop import Data, Run, fit, new_state, train_step
 from pipeline.measure import (
@@ -60,6 +56,7 @@ from pipeline.measure import (
 from pipeline.model import normalise, resnet18
 from pipeline.params import load_params, load_paths
 from pipeline.process import run
+from pipeline.scaling import report_scaling
 from pipeline.seed_style import bench_seed_style
 from pipeline.settings import (
     EVAL_BATCH_AUTO,
@@ -68,11 +65,6 @@ from pipeline.settings import (
     pick_device,
     training_settings,
 )
-
-OPTIONS = ("precision", "channels_last", "compile", "cuda_graphs", "fused_optimizer", "augment")
-# What `--ablate augment` turns on where params.yaml has no augmentation but the shift:
-# the recipe study's candidate (docs/recipe.md); where it has some, the flip turns it off.
-AUGMENT = {"max_rotate": 10.0, "max_scale": 0.1, "cutout": 8}
 
 
 def fit_epochs(data: Data, p: train.TrainParams, width: int, steps: int) -> Iterator[dict]:
@@ -161,70 +153,6 @@ def bench_evaluate(data: Data, width: int, images: int, s: Settings) -> float:
     return len(x) / seconds
 
 
-def flipped_precision(precision: str) -> tuple[str, dict]:
-    """A label and the change that flips a resolved precision: mixed <-> fp32."""
-    other = "bf16" if precision == "fp32" else "fp32"
-    return f"precision {other}", {"precision": other}
-
-
-def flipped_switch(option: str, value: bool) -> tuple[str, dict]:
-    """A label and the change that flips an on/off option."""
-    return f"{option} {not value}", {option: not value}
-
-
-def flipped_augment(p: train.TrainParams) -> tuple[str, dict]:
-    """A label and the change that turns the rotation, scaling and Cutout off if any is
-    on, else on at AUGMENT's values: their cost is ours against this row."""
-    if any(getattr(p, key) for key in AUGMENT):
-        return "augment off", {"max_rotate": 0.0, "max_scale": 0.0, "cutout": 0}
-    return "augment on", dict(AUGMENT)
-
-
-def flipped(p: train.TrainParams, s: Settings, option: str) -> tuple[str, train.TrainParams]:
-    """`p` with `option` set opposite to what auto chose, and a label for it."""
-    if option not in OPTIONS:
-        raise PipelineError(f"--ablate: unknown option '{option}' (one of {', '.join(OPTIONS)})")
-    if option == "precision":
-        label, changes = flipped_precision(s.precision)
-    elif option == "augment":
-        label, changes = flipped_augment(p)
-    else:
-        label, changes = flipped_switch(option, getattr(s, option))
-    if option == "cuda_graphs" and changes["cuda_graphs"]:
-        changes["compile"] = True  # CUDA graphs come with torch.compile
-    return label, dataclasses.replace(p, **changes)
-
-
-def bench_scaling(counts: list[int], width: int, device: str, processed: Path) -> dict[int, float]:
-    """{processes: images/s of the last of 2 epochs} of `python src/train.py` in a temp
-    copy of the project (the data in `processed`) with `train.processes` at each count."""
-    root, results = Path(__file__).resolve().parent.parent, {}
-    processed = processed.resolve()
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["model"]["width"] = width
-    params["train"].update(epochs=2, warmup_epochs=1, checkpoint_every=0, device=device)
-    for count in counts:
-        with tempfile.TemporaryDirectory() as tmp:
-            project = Path(tmp)
-            shutil.copytree(root / "src", project / "src")
-            (project / "data").mkdir()
-            (project / "data/processed").symlink_to(processed)
-            params["train"]["processes"] = count
-            (project / "params.yaml").write_text(yaml.safe_dump(params))
-            done = subprocess.run(
-                [sys.executable, "src/train.py"], cwd=project, capture_output=True, text=True
-            )
-            if done.returncode:
-                raise PipelineError(f"{count} processes: {done.stderr.strip()[-400:]}")
-            metrics = json.loads((project / "reports/train/metrics.json").read_text())
-            results[count] = metrics["images_per_s"]
-            print(
-                f"{count:>9}{results[count]:>12.1f}{results[count] / results[counts[0]]:>10.3f}",
-                flush=True,
-            )
-    return results
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -266,21 +194,6 @@ def parse_args() -> argparse.Namespace:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return args
-
-
-def scaling(args: argparse.Namespace, device: torch.device, processed: Path) -> None:
-    """--scaling: the train stage's images/s with 1, 2, 4, ... processes, table and JSON."""
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max(gpus, 2)]
-    if device.type == "cuda" and gpus < 2:
-        print("one GPU: nothing to scale over; measuring 1 process only")
-        counts = [1]
-    where = f"{gpus} GPUs (NCCL)" if device.type == "cuda" else "the CPU (Gloo)"
-    name = hardware(device)
-    print(f"{name}; torch {torch.__version__}; width {args.width}; on {where}")
-    print(f"{'processes':>9}{'images/s':>12}{'vs 1':>10}")
-    results = bench_scaling(counts, args.width, device.type, processed)
-    print(json.dumps({"scaling": {"hardware": name, "images_per_s": results}}))
 
 
 def evaluate_variants(ablate: list[str], device: torch.device) -> dict[str, Settings]:
@@ -421,7 +334,7 @@ def main() -> None:
     paths = load_paths()
     device = pick_device(args.device)
     if args.scaling:
-        scaling(args, device, Path(paths.processed))
+        report_scaling(args.width, device, Path(paths.processed))
         return
     torch.backends.cudnn.benchmark = True  # as the train stage does (not deterministic)
     p = load_params(train.TrainParams)

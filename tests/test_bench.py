@@ -15,8 +15,8 @@ import torch
 import yaml
 from conftest import run_cmd, tiny_train_params, write_params
 
-import bench
 import preprocess
+from pipeline import ablation
 from pipeline.measure import training_flops_per_image
 from pipeline.settings import training_settings
 
@@ -140,12 +140,12 @@ def test_augment_flips_the_rotation_scaling_and_cutout_together() -> None:
     p = tiny_train_params()  # the committed train section: whatever augmentation it has
     off = dataclasses.replace(p, max_rotate=0.0, max_scale=0.0, cutout=0)
     settings = training_settings(off, torch.device("cpu"))
-    label, on = bench.flipped(off, settings, "augment")
+    label, on = ablation.flipped(off, settings, "augment")
     assert label == "augment on"
     assert (on.max_rotate, on.max_scale, on.cutout) == (10.0, 0.1, 8)
     assert dataclasses.replace(on, max_rotate=0.0, max_scale=0.0, cutout=0) == off  # only those
     for partly in (dataclasses.replace(off, cutout=4), dataclasses.replace(off, max_scale=0.2)):
-        label, back = bench.flipped(partly, settings, "augment")
+        label, back = ablation.flipped(partly, settings, "augment")
         assert label == "augment off" and back == off
 
 
