@@ -15,6 +15,7 @@ import torch
 import yaml
 from conftest import run_cmd, tiny_train_params, write_params
 
+import bench
 import preprocess
 from pipeline import ablation
 from pipeline.measure import training_flops_per_image
@@ -155,23 +156,22 @@ def test_flop_count_of_resnet18() -> None:
 
 
 def test_bench_scaling_runs_the_train_stage_with_each_number_of_processes(
-    project: Path, synthetic_files: dict
+    project: Path, synthetic_files: dict, capsys: pytest.CaptureFixture
 ) -> None:
     raw = project / "data/raw"
     raw.mkdir(parents=True)
     for name, data in synthetic_files.items():
         (raw / name).write_bytes(data)
     write_params(project, {"preprocess": {"train_limit": 0, "test_limit": 0}})
-    with pytest.MonkeyPatch.context() as patch:  # the stage, in this process
+    with pytest.MonkeyPatch.context() as patch:  # the stage and the command, in this process
         patch.chdir(project)
         preprocess.main()
-    result = run_cmd(
-        [sys.executable, "src/bench.py", "--device", "cpu", "--width", "2", "--scaling"],
-        cwd=project,
-    )
-    assert "on the CPU (Gloo)" in result.stdout
-    rows = [ln.split() for ln in result.stdout.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s", ln)]
+        patch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--width", "2", "--scaling"])
+        bench.main()
+    stdout = capsys.readouterr().out
+    assert "on the CPU (Gloo)" in stdout
+    rows = [ln.split() for ln in stdout.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s", ln)]
     assert [row[0] for row in rows] == ["1", "2"]
-    scaling = json.loads(result.stdout.strip().splitlines()[-1])["scaling"]["images_per_s"]
+    scaling = json.loads(stdout.strip().splitlines()[-1])["scaling"]["images_per_s"]
     assert [float(row[1]) for row in rows] == pytest.approx([scaling["1"], scaling["2"]], abs=0.1)
     assert float(rows[1][2]) == pytest.approx(scaling["2"] / scaling["1"], abs=0.001)

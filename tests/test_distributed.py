@@ -385,9 +385,13 @@ def test_a_batch_that_the_processes_cannot_share_is_refused(project: Path) -> No
 
 # --------------------------------------------------------------------------- GPU claims
 
+# The claim itself needs no torch (the GPUs are faked), so the claimers run without it:
+# a stand-in module spares each of them torch's import, seconds of CPU; a claim that
+# came to use torch would fail here on the stand-in's missing attribute.
 CLAIM = """
-import sys, time
+import sys, time, types
 sys.path.insert(0, "src")
+sys.modules["torch"] = types.ModuleType("torch")
 from pipeline import gpus
 print(gpus.claim_gpus(int(sys.argv[1]), ["0", "1"], sys.argv[2]), flush=True)
 time.sleep(600)

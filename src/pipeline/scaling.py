@@ -1,9 +1,10 @@
 """Data-parallel scaling: the train stage's images/s with 1, 2, 4, ... processes.
 
-`python src/bench.py --scaling` runs the train stage itself (`python src/train.py`,
-2 epochs, no checkpoints) in a temporary copy of the project for each number of
-processes, up to the number of GPUs (on a CPU: 1 and 2 Gloo processes), and prints
-the images/s of its last epoch, the ratio to one process, and one JSON line.
+`python src/bench.py --scaling`, run in the project's folder, runs the train stage
+itself (`python src/train.py`, 2 epochs, no checkpoints) in a temporary copy of the
+project for each number of processes, up to the number of GPUs (on a CPU: 1 and 2
+Gloo processes), and prints the images/s of its last epoch, the ratio to one
+process, and one JSON line.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import yaml
 
 from pipeline.errors import PipelineError
 from pipeline.measure import hardware
+from pipeline.params import PARAMS_FILE
 
-PROJECT = Path(__file__).resolve().parents[2]  # src/pipeline/scaling.py -> the project
+SOURCE = Path("src")  # the project's code, copied with its params into each run's folder
 
 
 def bench_scaling(counts: list[int], width: int, device: str, processed: Path) -> dict[int, float]:
@@ -29,13 +31,13 @@ def bench_scaling(counts: list[int], width: int, device: str, processed: Path) -
     copy of the project (the data in `processed`) with `train.processes` at each count."""
     results = {}
     processed = processed.resolve()
-    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params = yaml.safe_load(Path(PARAMS_FILE).read_text())
     params["model"]["width"] = width
     params["train"].update(epochs=2, warmup_epochs=1, checkpoint_every=0, device=device)
     for count in counts:
         with tempfile.TemporaryDirectory() as tmp:
             project = Path(tmp)
-            shutil.copytree(PROJECT / "src", project / "src")
+            shutil.copytree(SOURCE, project / "src")
             (project / "data").mkdir()
             (project / "data/processed").symlink_to(processed)
             params["train"]["processes"] = count
