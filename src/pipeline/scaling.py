@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.errors import PipelineError
 from pipeline.measure import hardware
-from pipeline.params import PARAMS_FILE
+from pipeline.params import load_paths, read_params_file
 
 SOURCE = Path("src")  # the project's code, copied with its params into each run's folder
 
@@ -29,17 +29,17 @@ SOURCE = Path("src")  # the project's code, copied with its params into each run
 def bench_scaling(counts: list[int], width: int, device: str, processed: Path) -> dict[int, float]:
     """{processes: images/s of the last of 2 epochs} of `python src/train.py` in a temp
     copy of the project (the data in `processed`) with `train.processes` at each count."""
-    results = {}
+    results, paths = {}, load_paths()
     processed = processed.resolve()
-    params = yaml.safe_load(Path(PARAMS_FILE).read_text())
+    params = read_params_file()
     params["model"]["width"] = width
     params["train"].update(epochs=2, warmup_epochs=1, checkpoint_every=0, device=device)
     for count in counts:
         with tempfile.TemporaryDirectory() as tmp:
             project = Path(tmp)
             shutil.copytree(SOURCE, project / "src")
-            (project / "data").mkdir()
-            (project / "data/processed").symlink_to(processed)
+            (project / paths.processed).parent.mkdir(parents=True, exist_ok=True)
+            (project / paths.processed).symlink_to(processed)
             params["train"]["processes"] = count
             (project / "params.yaml").write_text(yaml.safe_dump(params))
             done = subprocess.run(
@@ -47,7 +47,7 @@ def bench_scaling(counts: list[int], width: int, device: str, processed: Path) -
             )
             if done.returncode:
                 raise PipelineError(f"{count} processes: {done.stderr.strip()[-400:]}")
-            metrics = json.loads((project / "reports/train/metrics.json").read_text())
+            metrics = json.loads((project / paths.train_report / "metrics.json").read_text())
             results[count] = metrics["images_per_s"]
             print(
                 f"{count:>9}{results[count]:>12.1f}{results[count] / results[counts[0]]:>10.3f}",
