@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.errors import PipelineError
 from pipeline.measure import hardware
-from pipeline.params import load_paths, read_params_file
+from pipeline.params import PARAMS_FILE, load_paths, read_params_file
 
 SOURCE = Path("src")  # the project's code, copied with its params into each run's folder
 
@@ -41,7 +41,7 @@ def bench_scaling(counts: list[int], width: int, device: str, processed: Path) -
             (project / paths.processed).parent.mkdir(parents=True, exist_ok=True)
             (project / paths.processed).symlink_to(processed)
             params["train"]["processes"] = count
-            (project / "params.yaml").write_text(yaml.safe_dump(params))
+            (project / PARAMS_FILE).write_text(yaml.safe_dump(params))
             done = subprocess.run(
                 [sys.executable, "src/train.py"], cwd=project, capture_output=True, text=True
             )
