@@ -117,6 +117,7 @@ def test_main_evaluates_the_saved_model_on_the_test_split(
 ) -> None:
     (tmp_path / "params.yaml").write_text(committed_params_text())
     settings = {"device": "cpu", "precision": "fp32", "channels_last": False, "batch_size": 16}
+    settings["tta"] = 2  # passed on to the logits: compared with tta=2's below
     write_params(tmp_path, {"evaluate": settings})
     paths = load_paths(tmp_path / "params.yaml")
     net = save_untrained_model(tmp_path / paths.model)
@@ -138,7 +139,7 @@ def test_main_evaluates_the_saved_model_on_the_test_split(
     plain = Settings(CPU, "fp32", False, 16)
     test = split["test"]
     expected = evaluate.evaluate(
-        evaluate.inference_logits(net, test["images"], stats, plain), test["labels"]
+        evaluate.inference_logits(net, test["images"], stats, plain, tta=2), test["labels"]
     )
     report = tmp_path / paths.eval_report
     metrics = json.loads((report / "metrics.json").read_text())

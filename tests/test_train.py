@@ -234,7 +234,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step(tmp_path: Path) -> None:
 
 
 def test_checkpoint_is_complete_and_loads_weights_only(tmp_path: Path) -> None:
-    run_fit(tiny_params(), tmp_path / "ckpt.pt", stop_after=1)
+    run_fit(tiny_params(ema_decay=0), tmp_path / "ckpt.pt", stop_after=1)
     state = load_torch(tmp_path / "ckpt.pt")  # weights_only=True
     assert set(state) == {
         "run_id",
@@ -324,7 +324,8 @@ def test_checkpoint_of_another_run_is_ignored(
 def test_lr_logged_per_epoch_is_the_mean_of_its_steps(tmp_path: Path) -> None:
     """Cosine decay without warm-up over 2 epochs of 8 steps: step s runs at
     lr * (1 + cos(pi * s / 16)) / 2, and each epoch logs the mean of its steps."""
-    _, records = run_fit(tiny_params(epochs=2, warmup_epochs=0), tmp_path / "c.pt")
+    p = tiny_params(epochs=2, warmup_epochs=0, schedule="cosine")
+    _, records = run_fit(p, tmp_path / "c.pt")
     per_step = [0.05 * 0.5 * (1 + math.cos(math.pi * s / 16)) for s in range(16)]
     assert records[0]["lr"] == pytest.approx(sum(per_step[:8]) / 8)
     assert records[1]["lr"] == pytest.approx(sum(per_step[8:]) / 8)
