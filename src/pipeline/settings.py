@@ -183,7 +183,7 @@ def inference_settings(
 
 def training_settings(p: TrainParams, device: torch.device, processes: int = 1) -> Settings:
     """Settings for training with the train params `p` on `device`, in `processes`."""
-    # torch.compile pays only in long runs. On the H200 the default 15 epochs took 38.7 s
+    # torch.compile pays only in long runs. On the H200 the 15-epoch recipe took 38.7 s
     # compiled (24.9 s of it in epoch 1, compiling) and 16.4 s eager; compiled steps ran
     # 1.06x, with CUDA graphs 1.37x, as fast (reports/runs/gpu-h200-session.txt). On a
     # small CPU compiling takes minutes. So auto is off: set both true for long runs.
