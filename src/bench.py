@@ -9,7 +9,8 @@ On one device, in one run, measures training images/s for
   ceiling     forward+backward+step on one fixed batch already on the device,
               with the same settings as ours (no data path at all);
 then ours with each option of `--ablate` flipped from what `auto` chose (and
-`augment`: the rotation, scaling and Cutout on or off, their cost), the
+`augment`: the rotation, scaling and Cutout off, or where none is on, the default
+recipe's rotation and scaling on: their cost), the
 evaluate stage's images/s (as params.yaml's `evaluate` section resolves on the
 device, `auto` by default; at the other `auto` batch size; and with each of
 `--ablate`'s precision and channels_last flipped),
@@ -180,7 +181,8 @@ def parse_args() -> argparse.Namespace:
         "--ablate",
         default=None,
         help=f"options to flip from auto, comma-separated, of {', '.join(OPTIONS)}"
-        " (augment: the rotation, scaling and Cutout; default: all on CUDA, channels_last"
+        " (augment: the rotation, scaling and Cutout off, or on as the defaults have them;"
+        " default: all on CUDA, channels_last"
         " elsewhere; '' for none)",
     )
     parser.add_argument(

@@ -137,7 +137,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     assert all(0 < v <= 1 for v in summary["min_over_max"].values())
 
 
-def test_augment_flips_the_rotation_scaling_and_cutout_together() -> None:
+def test_augment_flips_the_rotation_scaling_and_cutout_off_or_the_defaults_on() -> None:
     p = tiny_train_params()  # the committed train section: whatever augmentation it has
     off = dataclasses.replace(p, max_rotate=0.0, max_scale=0.0, cutout=0)
     settings = training_settings(off, torch.device("cpu"))

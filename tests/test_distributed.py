@@ -58,41 +58,47 @@ TWO = {"train": TINY["train"] | {"processes": 2, "precision": "fp32"}}
 # input near zero change sign a few steps later: 1e-6 to 5e-3 after 4 steps, by seed.
 # Run as the processes run (EachHalfAlone), the reference gives identical weights:
 # measured 0 after 4 steps for seeds 1-8 and 42 (lr 0.2 and 0.01), after 12 for 1-2.
-# A plain one-process run (BatchNorm over all 50 images) differs by 0.46 (seed 42).
-BATCHNORM_OVER_50 = 1e-3
+# A plain one-process run (BatchNorm over all 50 images) differed by 0.46 to 1.8 (seeds
+# 42, 1, 2), beyond the 5e-3 that rounding alone reached in the comparison above.
+BATCHNORM_OVER_50 = 0.1
 
 
 class EachHalfAlone(nn.Module):
     """`net` run as two data-parallel processes run it on one machine: in training, each
     half of the batch through the network on its own (its convolutions over 25 images,
-    BatchNorm over its own half), the logits joined. BatchNorm's running statistics are
-    the first half's: DistributedDataParallel broadcasts process 0's buffers before each
-    forward, and process 0 saves the model. The other halves update copies (replacing
+    BatchNorm over its own half), the logits joined. The gradients then equal the
+    processes' averaged ones bit for bit: each half's loss is half of theirs, and
+    halving is exact in floating point, as is a sum of two terms in either order (with
+    three parts or more neither holds). BatchNorm's running statistics are the first
+    half's: DistributedDataParallel broadcasts process 0's buffers before each forward,
+    and process 0 saves the model. The second half updates copies of them (replacing
     the buffers in place would change tensors autograd saved for the backward pass)."""
 
-    def __init__(self, net: nn.Module, parts: int = 2) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net, self.parts = net, parts
+        self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.net(x)
-        first, *rest = x.chunk(self.parts)
+        first, second = x.chunk(2)
         logits = [self.net(first)]
         norms = [m for m in self.net.modules() if isinstance(m, nn.BatchNorm2d)]
         kept = [dict(m._buffers) for m in norms]
-        for m in norms:
-            m._buffers.update({name: b.clone() for name, b in m._buffers.items()})
-        logits += [self.net(part) for part in rest]
-        for m, buffers in zip(norms, kept, strict=True):
-            m._buffers.update(buffers)
+        try:
+            for m in norms:
+                m._buffers.update({name: b.clone() for name, b in m._buffers.items()})
+            logits.append(self.net(second))
+        finally:
+            for m, buffers in zip(norms, kept, strict=True):
+                m._buffers.update(buffers)
         return torch.cat(logits)
 
 
 def one_process_weights(project: Path, halves: bool) -> dict[str, torch.Tensor]:
     """Train in this process, with the project's params and data, as train.py does, on
-    as many threads as each of two training processes takes (pipeline/distributed.py):
-    the summation order inside a kernel depends on them."""
+    as many threads as each of two training processes takes: the summation order
+    inside a kernel depends on them."""
     model_p = load_params(train.ModelParams, project / "params.yaml")
     p = load_params(train.TrainParams, project / "params.yaml")
     settings = training_settings(p, torch.device("cpu"))
@@ -101,7 +107,7 @@ def one_process_weights(project: Path, halves: bool) -> dict[str, torch.Tensor]:
     net = resnet18(width=model_p.width)
     trained = EachHalfAlone(net) if halves else net
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    torch.set_num_threads(distributed.threads_per_process(2))
     try:
         for _ in fit(trained, data, Run(p, settings)):
             pass

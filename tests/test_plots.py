@@ -196,8 +196,8 @@ def test_every_figure_names_its_run(tmp_path: Path) -> None:
         ("reports/eval/metrics.json", "{", "metrics.json is not valid JSON"),
         ("data/processed/stats.json", "{}", "stats.json has no 'train_size'"),
         ("models/model.pt", None, "models/model.pt not found"),
-        ("models/model.pt", {"state_dict": {}}, "models/model.pt has no 'params'"),
-        ("models/model.pt", "not a model", "model.pt is not a model that src/train.py wrote"),
+        ("models/model.pt", {"state_dict": {}}, "model.pt is not a model that src/train.py wrote"),
+        ("models/model.pt", "not a model", "(not a file that torch.save writes)"),
     ],
 )
 def test_missing_or_bad_inputs_are_named(

@@ -1,8 +1,8 @@
 """The benchmark's ablation: each option of `bench.py --ablate` set opposite to what
 `auto` chose, so that its row shows the option's worth against ours as it is.
 
-`augment` is the rotation, scaling and Cutout: turned on at the default recipe's
-values where params.yaml has none (docs/recipe.md), off where it has some.
+`augment` is the rotation, scaling and Cutout: all off where params.yaml has any,
+else the default recipe's rotation and scaling on (docs/recipe.md).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def flipped_switch(option: str, value: bool) -> tuple[str, dict]:
 
 def flipped_augment(p: TrainParams) -> tuple[str, dict]:
     """A label and the change that turns the rotation, scaling and Cutout off if any is
-    on, else on at AUGMENT's values: their cost is ours against this row."""
+    on, else AUGMENT's on: their cost is ours against this row."""
     if any(getattr(p, key) for key in AUGMENT):
         return "augment off", {"max_rotate": 0.0, "max_scale": 0.0, "cutout": 0}
     return "augment on", dict(AUGMENT)

@@ -209,9 +209,14 @@ def start(world: World, device: torch.device) -> None:
     if device.type == "cuda":
         dist.init_process_group("nccl", device_id=device)
     else:
-        # the CPU's cores shared among this machine's processes, as torchrun does
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.local_size))
+        torch.set_num_threads(threads_per_process(world.local_size))
         dist.init_process_group("gloo")
+
+
+def threads_per_process(local_size: int) -> int:
+    """Torch threads of each of `local_size` training processes on one machine's CPU:
+    its cores shared among them, as torchrun does."""
+    return max(1, (os.cpu_count() or 1) // local_size)
 
 
 def all_done() -> None:

@@ -15,8 +15,10 @@ state dict keys and parameter shapes match; the one difference is the stem
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,20 +163,38 @@ def save_model(
     save_torch({"state_dict": net.state_dict(), "params": sections, "stats": stats}, path)
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[ResNet, dict[str, Any]]:
-    """The network save_model wrote (eval mode, on `device`) and the whole saved file.
-    Read with weights_only=True: nothing in it is unpickled as code."""
-    try:
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    """The whole file save_model wrote, checked for what every reader of it needs,
+    without building the network. Read with weights_only=True: nothing in it is
+    unpickled as code."""
+    with _named_if_not_a_model(path):
         saved = load_torch(path)
+        int(saved["params"]["model"]["width"])
+        saved["state_dict"].items()
+        float(saved["stats"]["mean"]), float(saved["stats"]["std"])
+    return saved
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[ResNet, dict[str, Any]]:
+    """The network save_model wrote (eval mode, on `device`) and the whole saved file."""
+    saved = read_model_file(path)
+    with _named_if_not_a_model(path):
         net = resnet18(width=saved["params"]["model"]["width"])
         net.load_state_dict(saved["state_dict"])
-        float(saved["stats"]["mean"]), float(saved["stats"]["std"])
+    return net.to(device).eval(), saved
+
+
+@contextlib.contextmanager
+def _named_if_not_a_model(path: str | Path) -> Iterator[None]:
+    """Any failure to read `path` as a model, as one error naming the file and what it
+    is (torch's own reasons are long); a missing file keeps its own error."""
+    try:
+        yield
     except PipelineError:  # not found
         raise
-    except Exception as error:  # torch's reasons are long: say which file and what it is
+    except Exception as error:
         reason = _why(path, error)
         raise PipelineError(f"{path} is not a model that src/train.py wrote ({reason})") from None
-    return net.to(device).eval(), saved
 
 
 def _why(path: str | Path, error: Exception) -> str:
