@@ -55,7 +55,8 @@ TWO = {"train": TINY["train"] | {"processes": 2, "precision": "fp32"}}
 # images where each process's run over 25, and that rounding difference let a ReLU
 # input near zero change sign a few steps later: 1e-6 to 5e-3 after 4 steps, by seed.
 # Run as the processes run (EachHalfAlone), the reference gives identical weights:
-# measured 0 after 4 steps for seeds 1-8 and 42 (lr 0.2 and 0.01), after 12 for 1-2.
+# measured 0 after 4 steps for seeds 1, 2 and 42 at this lr (0.2), 1-8 and 42 at 0.01,
+# and after 12 steps for seeds 1 and 2 at 0.01.
 # A plain one-process run (BatchNorm over all 50 images) differed by 0.46 to 1.8 (seeds
 # 42, 1, 2), beyond the 5e-3 that rounding alone reached in the comparison above.
 BATCHNORM_OVER_50 = 0.1
