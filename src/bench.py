@@ -33,13 +33,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.autograd import DeviceType
 
 import evaluate
 import train
@@ -50,13 +48,13 @@ from pipeline.measure import (
     PEAK_TFLOPS,
     hardware,
     peak_memory_mib,
-    sync,
     timed,
     training_flops_per_image,
 )
 from pipeline.model import normalise, resnet18
 from pipeline.params import load_params, load_paths
 from pipeline.process import run
+from pipeline.profiling import profile_epoch
 from pipeline.scaling import report_scaling
 from pipeline.seed_style import bench_seed_style
 from pipeline.settings import (
@@ -91,41 +89,8 @@ def bench_ours(data: Data, p: train.TrainParams, width: int, steps: int) -> floa
 
 
 def profile_ours(data: Data, p: train.TrainParams, width: int, steps: int) -> str:
-    """Where the time of ours goes: torch.profiler over one epoch after a warm-up
-    epoch; the ops that take the most device (or, on a CPU, CPU) time, and how busy
-    the GPU was over the epoch's wall time (far under 100% means the host is the limit)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = data.train_x.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    epochs = fit_epochs(data, p, width, steps)
-    next(epochs)  # warm-up: compilation, autotuning
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        record = next(epochs)
-        sync(data.train_x.device)
-        wall = time.perf_counter() - start
-    epochs.close()
-    averages = prof.key_averages()
-    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    lines = [averages.table(sort_by=sort_by, row_limit=15, max_name_column_width=70)]
-    if cuda:
-        # kernel rows only: a kernel's time also shows as the self device time of the op
-        # that launched it, so summing every row would count it twice
-        busy = (
-            sum(
-                e.self_device_time_total
-                for e in averages
-                if e.device_type == DeviceType.CUDA
-                and not getattr(e, "is_user_annotation", False)  # absent in older torch
-            )
-            / 1e6
-        )
-        lines.append(
-            f"profiled epoch: {wall:.3f} s wall ({record['images_per_s']:.0f} images/s under "
-            f"the profiler), GPU kernels {busy:.3f} s = {busy / wall:.0%} busy"
-        )
-    return "\n".join(lines)
+    """Where the time of ours goes: one epoch profiled after a warm-up epoch."""
+    return profile_epoch(fit_epochs(data, p, width, steps), data.train_x.device)
 
 
 def bench_ceiling(data: Data, p: train.TrainParams, width: int, warmup: int, steps: int) -> float:
