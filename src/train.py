@@ -109,7 +109,7 @@ class TrainParams:
         eval_ok = self.eval_batch_size == "auto" or self.eval_batch_size >= 1
         check(self, "eval_batch_size", eval_ok, "an integer >= 1 or auto")
         every_ok = self.checkpoint_every >= 0
-        check(self, "checkpoint_every", every_ok, "an integer >= 0 (epochs; 0 = never)")
+        check(self, "checkpoint_every", every_ok, "an integer >= 0 (epochs; 0 = none by count)")
         minutes_ok = self.checkpoint_minutes >= 0
         check(self, "checkpoint_minutes", minutes_ok, "a number >= 0 (minutes; 0 = never)")
         processes_ok = self.processes == "auto" or self.processes >= 1

@@ -68,11 +68,19 @@ def committed_params_text() -> str:
 
 PROJECT_FILES = ["src", "params.yaml", "dvc.yaml", ".gitignore", ".dvcignore"]
 
-# A run small enough for a 2-core CPU in seconds: everything but the sizes as in params.yaml.
+# A run small enough for a 2-core CPU in seconds: everything but the sizes as in params.yaml,
+# and a checkpoint after each epoch (by default every 10 minutes: none in a run of seconds),
+# so that these runs write and remove checkpoints, and can be stopped between them.
 TINY = {
     "preprocess": {"val_size": 100, "train_limit": 400, "test_limit": 200},
     "model": {"width": 4},
-    "train": {"epochs": 2, "batch_size": 50, "device": "cpu", "eval_batch_size": 256},
+    "train": {
+        "epochs": 2,
+        "batch_size": 50,
+        "device": "cpu",
+        "eval_batch_size": 256,
+        "checkpoint_every": 1,
+    },
     "evaluate": {"device": "cpu"},
     "plot": {"max_misclassified": 8, "dpi": 50},
 }

@@ -285,7 +285,18 @@ def test_an_interrupted_experiment_is_undone_to_heads_results(
     project = copy_repo(tiny_repo.path, tmp_path / "project")
     checkpoints = project / "models/checkpoints"
     run = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.epochs=60"],
+        # a checkpoint after each epoch: the sign that the train stage is under way
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "exp",
+            "run",
+            "-S",
+            "train.epochs=60",
+            "-S",
+            "train.checkpoint_every=1",
+        ],
         cwd=project,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -314,8 +325,12 @@ def test_an_interrupted_experiment_is_undone_to_heads_results(
     assert model == (tiny_repo.path / "models/model.pt").read_bytes()
 
 
-# Big enough to learn (the accuracy floor below) and to interrupt in epoch 2 of 4.
-INTERRUPTED = {"preprocess": {"train_limit": 2000}, "train": {"epochs": 4, "batch_size": 100}}
+# Big enough to learn (the accuracy floor below) and to interrupt in epoch 2 of 4, with
+# a checkpoint at every epoch's end (by default they come every 10 minutes).
+INTERRUPTED = {
+    "preprocess": {"train_limit": 2000},
+    "train": {"epochs": 4, "batch_size": 100, "checkpoint_every": 1},
+}
 ACCURACY_FLOOR = 0.8  # chance is 0.1; this run reached 0.9 (width 4, 2,000 images)
 
 

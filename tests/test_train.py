@@ -19,7 +19,7 @@ from conftest import synthetic_digits, tiny_train_params, wait_until
 
 import train
 from pipeline import loop, optim
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import Checkpoint, TrainingState
 from pipeline.ema import WeightAverage
 from pipeline.errors import PipelineError
 from pipeline.files import load_torch
@@ -118,7 +118,7 @@ def test_the_weights_average_follows_the_weights() -> None:
 def test_with_an_average_it_is_validated_saved_and_resumed(tmp_path: Path) -> None:
     """train.ema_decay: the epoch's validation and the model fit leaves are the average
     (not the last weights), and a run interrupted after an epoch resumes to the same."""
-    params = tiny_params(ema_decay=0.9)
+    params = tiny_params(ema_decay=0.9, checkpoint_every=1)
     torch.manual_seed(params.seed)
     net = resnet18(width=4)
     run = tiny_run(params, None)
@@ -137,6 +137,7 @@ def test_with_an_average_it_is_validated_saved_and_resumed(tmp_path: Path) -> No
     val_acc = (logits.argmax(1) == data.val_y).double().mean().item()
     assert records[-1]["val/acc"] == pytest.approx(val_acc)  # validated: what is kept
     run_fit(params, tmp_path / "ckpt.pt", stop_after=1)
+    assert load_torch(tmp_path / "ckpt.pt")["history"][-1]["epoch"] == 1
     resumed, _ = run_fit(params, tmp_path / "ckpt.pt")
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
@@ -234,7 +235,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step(tmp_path: Path) -> None:
 
 
 def test_checkpoint_is_complete_and_loads_weights_only(tmp_path: Path) -> None:
-    run_fit(tiny_params(ema_decay=0), tmp_path / "ckpt.pt", stop_after=1)
+    run_fit(tiny_params(ema_decay=0, checkpoint_every=1), tmp_path / "ckpt.pt", stop_after=1)
     state = load_torch(tmp_path / "ckpt.pt")  # weights_only=True
     assert set(state) == {
         "run_id",
@@ -282,7 +283,7 @@ def test_resume_after_interruption_gives_identical_weights_and_figures(
     never interrupted: stopped after an epoch's checkpoint, or inside an epoch at step
     3 of 8 (checkpoint_minutes tiny: due at every step). Resumed with the default
     checkpoint_minutes: a scheduling param, so the same run."""
-    params = tiny_params()
+    params = tiny_params(checkpoint_every=1)
     straight, straight_records = run_fit(params, None)
     checkpoint = tmp_path / "ckpt.pt"
     if where == "after epoch 1":
@@ -313,7 +314,7 @@ def test_a_run_without_a_checkpoint_says_it_starts_from_the_start(
 def test_checkpoint_of_another_run_is_ignored(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    run_fit(tiny_params(), tmp_path / "ckpt.pt", stop_after=1)
+    run_fit(tiny_params(checkpoint_every=1), tmp_path / "ckpt.pt", stop_after=1)
     torch.manual_seed(0)
     another = tiny_run(tiny_params(), tmp_path / "ckpt.pt", run_id="run-b")
     records = list(loop.fit(resnet18(width=4), tiny_data(), another))
@@ -367,23 +368,90 @@ def test_ctrl_c_while_dvclive_queues_a_step_does_not_hang_its_end(
     assert summary["step"] == 2 and summary["val"]["acc"] == 0.9
 
 
+def checkpoints_written(
+    params: train.TrainParams, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: Data
+) -> list[tuple[float, str]]:
+    """(clock, where) of each checkpoint a run writes, under a clock that moves 10 s at
+    each training step and stands still otherwise: `where` is "epoch E step S" inside an
+    epoch (S steps done), "end E" at the end of epoch E."""
+    now = [0.0]
+    step_done = loop.Progress.update
+
+    def step_of_10_s(self: loop.Progress) -> None:
+        now[0] += 10
+        step_done(self)
+
+    def save(self: Checkpoint, state: TrainingState) -> None:
+        part = state.in_progress
+        where = f"epoch {part.epoch} step {part.step}" if part else f"end {len(state.history)}"
+        written.append((now[0], where))
+
+    written: list[tuple[float, str]] = []
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(loop.Progress, "update", step_of_10_s)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    run_fit(params, tmp_path / "ckpt.pt", data)
+    return written
+
+
 def test_checkpoints_inside_epochs_come_every_interval_across_epoch_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """checkpoint_minutes counts from the last checkpoint written, not from the epoch's
-    start: with epochs shorter than the interval and none at epoch ends
-    (checkpoint_every 0), they still come. A clock that moves 10 s at every look (an
-    epoch of 8 steps then lasts about 3 minutes), a checkpoint due every 4 minutes."""
-    clock = iter(range(0, 100_000, 10))
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
-    written: list[tuple[int, int]] = []
+    start: epochs of 8 steps (80 s), none by count (checkpoint_every 0), one every 90 s:
+    after step 9 of the run, then step 18, inside epochs 2 and 3 (at their ends the
+    interval has not passed)."""
+    params = tiny_params(checkpoint_every=0, checkpoint_minutes=1.5)
+    written = checkpoints_written(params, tmp_path, monkeypatch, tiny_data())
+    assert written == [(90.0, "epoch 2 step 1"), (180.0, "epoch 3 step 2")]
 
-    def save(self: Checkpoint, state: object) -> None:
-        written.append((state.in_progress.epoch, state.in_progress.step))
 
-    monkeypatch.setattr(Checkpoint, "save", save)
-    run_fit(tiny_params(checkpoint_every=0, checkpoint_minutes=4), tmp_path / "ckpt.pt")
-    assert written and {epoch for epoch, _ in written} <= {2, 3}, written
+def test_checkpoints_at_epoch_ends_come_every_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Epochs of one step (10 s) leave no room inside one: the checkpoints come at epoch
+    ends once 30 s have passed since the last, after epochs 3 and 6, not after every
+    epoch (as several processes have them, and as a GPU run would, its epochs taking
+    seconds), and never after the last one (8: the model is written then)."""
+    params = tiny_params(epochs=8, checkpoint_every=0, checkpoint_minutes=0.5)
+    written = checkpoints_written(params, tmp_path, monkeypatch, tiny_data(n_train=32))
+    assert written == [(30.0, "end 3"), (60.0, "end 6")]
+
+
+def test_a_run_shorter_than_the_interval_writes_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The defaults (checkpoint_every 0, checkpoint_minutes 10): a run of seconds, as
+    every run is on a GPU, spends nothing on checkpoints, at epoch ends or inside."""
+    written: list[Checkpoint] = []
+    monkeypatch.setattr(Checkpoint, "save", lambda self, state: written.append(self))
+    params = tiny_params()
+    assert (params.checkpoint_every, params.checkpoint_minutes) == (0, 10)
+    _, records = run_fit(params, tmp_path / "ckpt.pt")
+    assert len(records) == 3 and written == []
+
+
+@pytest.mark.parametrize(
+    ("every", "minutes", "epoch", "since_s", "rank", "due"),
+    [
+        (0, 10, 1, 599.0, 0, False),  # not yet
+        (0, 10, 1, 600.0, 0, True),  # the interval has passed
+        (0, 10, 3, 900.0, 0, False),  # the last epoch: the model is written instead
+        (0, 10, 1, 900.0, 1, False),  # only the main process writes
+        (0, 0, 1, 9e9, 0, False),  # neither rule
+        (2, 0, 2, 0.0, 0, True),  # every 2 epochs
+        (2, 0, 1, 0.0, 0, False),
+    ],
+)
+def test_when_a_checkpoint_is_due_at_an_epoch_end(
+    tmp_path: Path, every: int, minutes: float, epoch: int, since_s: float, rank: int, due: bool
+) -> None:
+    params = tiny_params(checkpoint_every=every, checkpoint_minutes=minutes)  # 3 epochs
+    world = loop.World(rank=rank, size=2, local_rank=rank, local_size=2)
+    run = dataclasses.replace(tiny_run(params, tmp_path / "c.pt"), world=world)
+    assert loop.due_at_epoch_end(run, epoch, since_s) is due
+    keeps_none = dataclasses.replace(run, checkpoint=None)  # as bench's runs
+    assert loop.due_at_epoch_end(keeps_none, epoch, since_s) is False
 
 
 def test_a_checkpoint_from_one_process_resumed_by_two_counts_each_figure_once(

@@ -1,11 +1,12 @@
 """Resume state of the train stage: what a checkpoint holds and where it is kept.
 
 A run (pipeline/identity.py) keeps one checkpoint, `paths.checkpoints`/<run>.pt,
-written after every `train.checkpoint_every` epochs and, inside an epoch, every
-`train.checkpoint_minutes`; it is deleted when the run completes. Checkpoints of
+written every `train.checkpoint_minutes` (and every `train.checkpoint_every` epochs
+where set: pipeline/loop.py); it is deleted when the run completes. Checkpoints of
 other runs are left alone, so an experiment with other params never destroys the
 resume state of an interrupted run; at most KEEP_OTHER_RUNS of them are kept, the
-least recently written removed first (a width-64 checkpoint is about 90 MB). A
+least recently written removed first (a width-64 checkpoint is about 134 MB: the
+weights, their moving average and the optimiser's momentum). A
 checkpoint that cannot be read is set aside under a name that says so, and the
 run starts over.
 """
@@ -30,8 +31,8 @@ from pipeline.errors import PipelineError
 from pipeline.files import load_torch, save_torch
 from pipeline.progress import say
 
-KEEP_OTHER_RUNS = 3  # unfinished runs besides the current one: ~270 MB at width 64
-# (twice that with train.ema_decay: the average is a second copy of the weights)
+KEEP_OTHER_RUNS = 3  # unfinished runs besides the current one: ~400 MB at width 64
+# (~270 MB without train.ema_decay: the average is a third copy of the weights)
 RUN_FILE = re.compile(r"[0-9a-f]{16}\.pt")  # what Checkpoint.of_run names; nothing else goes
 UNREADABLE = ".unreadable"  # suffix of a checkpoint set aside (<run>.unreadable.pt)
 # Read errors of the disk, the network or the system, not of the file's bytes: a

@@ -8,9 +8,12 @@ several processes (pipeline/distributed.py) every process draws the same
 permutation and shifts and takes its slice of each global batch; gradients are
 averaged over the processes and the epoch's figures summed over them. The main
 process alone validates and writes checkpoints. A checkpoint is written every
-`train.checkpoint_every` epochs and, in one process, every `train.checkpoint_minutes`
-inside an epoch; a resumed run continues from the very step it stopped at, with
-the same random draws, so it ends with the weights of an uninterrupted one.
+`train.checkpoint_minutes`: at an epoch's end once that long has passed since the
+last and, in one process, inside an epoch too; and every `train.checkpoint_every`
+epochs where that is set. A run shorter than the interval writes none: on a GPU an
+epoch takes seconds, a checkpoint (about 134 MB at width 64) a good part of one. A
+resumed run continues from the very step it stopped at, with the same random draws,
+so it ends with the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -227,6 +230,16 @@ def due_mid_epoch(run: Run, since_saved_s: float) -> bool:
     )
 
 
+def due_at_epoch_end(run: Run, epoch: int, since_saved_s: float) -> bool:
+    """Whether a checkpoint is due after `epoch` (never the last: the model is written
+    then): every checkpoint_every epochs, or once checkpoint_minutes have passed since
+    the last, by the main process's clock (it alone writes; the others go on)."""
+    p = run.p
+    every = p.checkpoint_every > 0 and epoch % p.checkpoint_every == 0
+    late = p.checkpoint_minutes > 0 and since_saved_s >= p.checkpoint_minutes * 60
+    return run.checkpoint is not None and run.world.main and epoch < p.epochs and (every or late)
+
+
 def epoch_record(net: nn.Module, data: Data, run: Run, done: EpochInProgress) -> dict[str, float]:
     """The epoch's figures: its training loss and accuracy over every process, the
     validation loss and accuracy (main process), the mean learning rate, its speed."""
@@ -260,7 +273,7 @@ def epoch_record(net: nn.Module, data: Data, run: Run, done: EpochInProgress) ->
 
 
 def fit(net: nn.Module, data: Data, run: Run) -> Iterator[dict[str, float]]:
-    """Train `net` in place. After each epoch (and its checkpoint) yield its figures;
+    """Train `net` in place. After each epoch (and its checkpoint, if due) yield its figures;
     a resumed run first yields those of the epochs its checkpoint had done."""
     p = run.p
     steps = steps_per_epoch(len(data.train_y), run)
@@ -275,8 +288,7 @@ def fit(net: nn.Module, data: Data, run: Run) -> Iterator[dict[str, float]]:
             finished = train_one_epoch(forward, data, state, run, epoch, progress)
             record = epoch_record(evaluated(state), data, run, finished)
             state.history.append(record)
-            due = p.checkpoint_every and epoch % p.checkpoint_every == 0 and epoch < p.epochs
-            if due and run.checkpoint and run.world.main:
+            if due_at_epoch_end(run, epoch, time.perf_counter() - state.saved_at):
                 save(state, run)
             if run.world.main:
                 yield record

@@ -33,7 +33,9 @@ def bench_scaling(counts: list[int], width: int, device: str, processed: Path) -
     processed = processed.resolve()
     params = read_params_file()
     params["model"]["width"] = width
-    params["train"].update(epochs=2, warmup_epochs=1, checkpoint_every=0, device=device)
+    params["train"].update(
+        epochs=2, warmup_epochs=1, checkpoint_every=0, checkpoint_minutes=0, device=device
+    )
     for count in counts:
         with tempfile.TemporaryDirectory() as tmp:
             project = Path(tmp)
