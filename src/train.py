@@ -111,7 +111,7 @@ class TrainParams:
         every_ok = self.checkpoint_every >= 0
         check(self, "checkpoint_every", every_ok, "an integer >= 0 (epochs; 0 = none by count)")
         minutes_ok = self.checkpoint_minutes >= 0
-        check(self, "checkpoint_minutes", minutes_ok, "a number >= 0 (minutes; 0 = never)")
+        check(self, "checkpoint_minutes", minutes_ok, "a number >= 0 (minutes; 0 = none by time)")
         processes_ok = self.processes == "auto" or self.processes >= 1
         check(self, "processes", processes_ok, "an integer >= 1 or auto")
 
