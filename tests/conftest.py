@@ -18,13 +18,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import yaml
 
 from pipeline import process
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +87,15 @@ TINY = {
     "evaluate": {"device": "cpu"},
     "plot": {"max_misclassified": 8, "dpi": 50},
 }
+
+# Two Gloo training processes on the CPU sharing each batch (test_distributed*.py).
+TWO = {"train": TINY["train"] | {"processes": 2, "precision": "fp32"}}
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def tiny_train_params(**changes: object) -> Any:
