@@ -39,7 +39,7 @@ from pipeline.model import resnet18
 from pipeline.params import load_params
 from pipeline.settings import Settings, training_settings
 
-# Two processes (TWO, the fixture below: 2 epochs of 2 steps on 100 images, the default
+# Two processes (TWO in conftest, the fixture below: 2 epochs of 2 steps on 100 images, the default
 # recipe with its rotation, scaling and weights' average) must end with the weights of
 # the reference bit for bit. A reference that ran the whole batch of 50 with BatchNorm
 # alone per half came within 3e-8 after one step, but its convolutions ran over 50
