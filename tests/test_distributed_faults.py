@@ -92,7 +92,8 @@ def test_a_failed_process_stops_the_others_with_one_error(project: Path) -> None
     logs = re.fullmatch(
         r"error: training process 1 of 2 was killed by signal 9 \(its error, if it printed "
         r"one, is above; every process's stderr is in (\S+)\); the others were stopped, and "
-        r"`dvc repro` resumes from the last checkpoint",
+        r"`dvc repro` resumes from the run's last checkpoint if one was written "
+        r"\(train\.checkpoint_minutes, train\.checkpoint_every\), else trains it again",
         line,
     )
     assert logs, line

@@ -139,7 +139,8 @@ def launch(processes: int, script: str, gpus: list[str] | None) -> None:
         raise PipelineError(
             f"training process {rank} of {processes} {how} (its error, if it printed one, "
             f"is above; every process's stderr is in {logs}); the others were stopped, "
-            "and `dvc repro` resumes from the last checkpoint"
+            "and `dvc repro` resumes from the run's last checkpoint if one was written "
+            "(train.checkpoint_minutes, train.checkpoint_every), else trains it again"
         ) from None
     except SignalException:  # the agent stopped the workers first
         shutil.rmtree(logs, ignore_errors=True)
