@@ -93,10 +93,9 @@ def test_a_stage_stops_when_its_dvc_process_dies(tmp_path: Path, launch: str, si
 
 # A stand-in stage whose clean-up takes a while, as removing a large temp folder does.
 SLOW_CLEANUP_STAGE = """
-import signal, sys, time
+import sys, time
 sys.path.insert(0, {src!r})
 from pipeline import process
-signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as under a terminal, even if the tests run in nohup
 
 def main():
     open("started", "w").close()
