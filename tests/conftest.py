@@ -455,4 +455,3 @@ def interrupt_handlers() -> Iterator[None]:
         signal.signal(signum, handler)
     process._deferring = 0
     process._pending.clear()
-    process._stopping = False

@@ -27,35 +27,20 @@ from pipeline.params import load_paths
 # where they wait in _pending until the outermost such block ends.
 _deferring = 0
 _pending: list[int] = []
-# Set once a stop was raised: the stage is running its `finally` blocks. A SIGTERM or
-# SIGHUP then is ignored, not raised in the middle of that clean-up: the death of the
-# `dvc` process sends two (PR_SET_PDEATHSIG and the watcher's), and SLURM or systemd
-# may repeat theirs. Only a second Ctrl-C cuts the clean-up short.
-_stopping = False
-
-
-def _interrupt(signum: int) -> KeyboardInterrupt:
-    global _stopping
-    _stopping = True
-    return KeyboardInterrupt(f"signal {signum}")
 
 
 def _on_interrupt(signum: int, frame: types.FrameType | None) -> None:
-    if _stopping and signum != signal.SIGINT:
-        return
     if _deferring:
         _pending.append(signum)
     else:
         _pending.clear()  # one that came as a block ended: raised now, not again later
-        raise _interrupt(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
 
 
 def install_interrupt_handlers() -> None:
     """SIGTERM and SIGHUP like Ctrl-C (so that `finally` blocks run), all deferrable. A
     SIGINT or SIGHUP that the parent set to be ignored (a background job, nohup) stays
-    ignored. The process is not stopping yet."""
-    global _stopping
-    _stopping = False
+    ignored."""
     signal.signal(signal.SIGTERM, _on_interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_interrupt)
@@ -79,7 +64,7 @@ def interrupts_deferred() -> Iterator[None]:
         if not _deferring and _pending:
             signum = _pending[0]
             _pending.clear()
-            raise _interrupt(signum)
+            raise KeyboardInterrupt(f"signal {signum}")
 
 
 # --------------------------------------------------------------------------- one run at a time
