@@ -455,3 +455,4 @@ def interrupt_handlers() -> Iterator[None]:
         signal.signal(signum, handler)
     process._deferring = 0
     process._pending.clear()
+    process._stopping = False

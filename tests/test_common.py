@@ -115,8 +115,20 @@ def test_a_signal_inside_interrupts_deferred_waits_for_the_outer_block_to_end(
     assert done == ["inner block", "outer block"]
     with process.interrupts_deferred():  # nothing pending: nothing raised
         pass
+    process.install_interrupt_handlers()  # a new run: not stopping (as after the one above)
     with pytest.raises(KeyboardInterrupt):  # outside a block: at once
         signal.raise_signal(signum)
+
+
+def test_once_stopping_only_a_ctrl_c_interrupts_again(interrupt_handlers: None) -> None:
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        signal.raise_signal(signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)  # the clean-up goes on
+    signal.raise_signal(signal.SIGHUP)
+    with process.interrupts_deferred():  # nor is one held for a block's end
+        signal.raise_signal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="signal 2"):  # a second Ctrl-C: the user's
+        signal.raise_signal(signal.SIGINT)
 
 
 def test_a_sigint_the_parent_ignores_stays_ignored(interrupt_handlers: None) -> None:

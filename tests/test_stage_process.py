@@ -91,6 +91,65 @@ def test_a_stage_stops_when_its_dvc_process_dies(tmp_path: Path, launch: str, si
             os.kill(pid, signal.SIGKILL)
 
 
+# A stand-in stage whose clean-up takes a while, as removing a large temp folder does,
+# and whose interpreter would take a minute to shut down (torch's takes seconds on a
+# loaded machine).
+SLOW_CLEANUP_STAGE = """
+import atexit, signal, sys, time
+sys.path.insert(0, {src!r})
+from pipeline import process
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as under a terminal, even if the tests run in nohup
+atexit.register(time.sleep, 60)
+
+def main():
+    print("working")  # held in stdout's buffer (a pipe)
+    open("started", "w").close()
+    try:
+        while True:
+            time.sleep(0.05)
+    finally:
+        open("stopping", "w").close()
+        time.sleep(1)
+        open("cleaned-up", "w").close()
+
+process.run(main)
+"""
+
+
+@pytest.mark.parametrize(
+    "signums", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGHUP, signal.SIGTERM)]
+)
+def test_a_repeated_stop_signal_does_not_cut_the_clean_up_short(
+    tmp_path: Path, signums: tuple[int, int]
+) -> None:
+    """The death of `dvc` sends its stage two SIGTERMs (the kernel's and the watcher's),
+    SLURM and systemd may repeat theirs: the second must not interrupt the `finally`
+    blocks that the first started (seen once under load in the dvc-death test above).
+    Once they have run the stage is gone at once, its output written, without waiting
+    for the interpreter's shutdown."""
+    (tmp_path / "stage.py").write_text(SLOW_CLEANUP_STAGE.format(src=str(ROOT / "src")))
+    stage = subprocess.Popen(
+        [sys.executable, "stage.py"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},  # buffered
+    )
+    try:
+        wait_until(lambda: (tmp_path / "started").exists(), seconds=30)
+        stage.send_signal(signums[0])
+        wait_until(lambda: (tmp_path / "stopping").exists(), seconds=10)
+        assert (tmp_path / "stopping").exists(), "the first signal did not stop the stage"
+        stage.send_signal(signums[1])
+        stdout, stderr = stage.communicate(timeout=30)
+    finally:
+        stage.kill()
+    assert (tmp_path / "cleaned-up").exists(), stderr
+    assert stage.returncode == 130, stderr
+    assert (stdout, stderr) == ("working\n", "interrupted\n")
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux)")
 @pytest.mark.parametrize("launch", ["direct", "shell"])
 def test_a_stage_whose_dvc_died_while_it_started_stops_too(tmp_path: Path, launch: str) -> None:

@@ -27,20 +27,35 @@ from pipeline.params import load_paths
 # where they wait in _pending until the outermost such block ends.
 _deferring = 0
 _pending: list[int] = []
+# Set once a stop was raised: the stage is running its `finally` blocks. A SIGTERM or
+# SIGHUP then is ignored, not raised in the middle of that clean-up: the death of the
+# `dvc` process sends two (PR_SET_PDEATHSIG and the watcher's), and SLURM or systemd
+# may repeat theirs. Only a second Ctrl-C cuts the clean-up short.
+_stopping = False
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    global _stopping
+    _stopping = True
+    return KeyboardInterrupt(f"signal {signum}")
 
 
 def _on_interrupt(signum: int, frame: types.FrameType | None) -> None:
+    if _stopping and signum != signal.SIGINT:
+        return
     if _deferring:
         _pending.append(signum)
     else:
         _pending.clear()  # one that came as a block ended: raised now, not again later
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise _interrupt(signum)
 
 
 def install_interrupt_handlers() -> None:
     """SIGTERM and SIGHUP like Ctrl-C (so that `finally` blocks run), all deferrable. A
     SIGINT or SIGHUP that the parent set to be ignored (a background job, nohup) stays
-    ignored."""
+    ignored. The process is not stopping yet."""
+    global _stopping
+    _stopping = False
     signal.signal(signal.SIGTERM, _on_interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_interrupt)
@@ -64,7 +79,7 @@ def interrupts_deferred() -> Iterator[None]:
         if not _deferring and _pending:
             signum = _pending[0]
             _pending.clear()
-            raise KeyboardInterrupt(f"signal {signum}")
+            raise _interrupt(signum)
 
 
 # --------------------------------------------------------------------------- one run at a time
@@ -171,10 +186,10 @@ def stop_with_parent() -> None:
 
 def run(main: Callable[[], None], stage: str | None = None) -> None:
     """Run a stage's main(): a PipelineError becomes one line on stderr and exit
-    EXIT_ERROR; Ctrl-C, SIGTERM or SIGHUP exit EXIT_INTERRUPTED (after `finally` blocks
-    ran). The stage stops when the process that started it dies; with `stage` named,
-    it runs only if no other run of that stage holds this workspace's lock (in
-    `paths.checkpoints`)."""
+    EXIT_ERROR; Ctrl-C, SIGTERM or SIGHUP exit EXIT_INTERRUPTED at once after the
+    `finally` blocks ran. The stage stops when the process that started it dies; with
+    `stage` named, it runs only if no other run of that stage holds this workspace's
+    lock (in `paths.checkpoints`)."""
     install_interrupt_handlers()
     stop_with_parent()
     try:
@@ -184,5 +199,10 @@ def run(main: Callable[[], None], stage: str | None = None) -> None:
         print(f"{ERROR_PREFIX}{error}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
+        # every `finally` has run: exit now, without the interpreter's shutdown (a second
+        # or more with torch loaded, over 5 s on a loaded machine), so that a stopped
+        # stage is gone at once and frees its lock and its GPU
         print("interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
