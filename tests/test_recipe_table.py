@@ -4,6 +4,7 @@ listed twice refused."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,29 @@ def test_a_seed_in_two_sources_is_refused(tmp_path: Path) -> None:
     done = recipe_table(first, second)
     assert done.returncode == 1
     assert "a seed run twice: ['old15-w16-s1', 'old15-w16-s1b']" in done.stderr
+
+
+def test_runs_of_recipe_seeds_join_a_table(tmp_path: Path) -> None:
+    earlier = tmp_path / "earlier.md"
+    earlier.write_text(table({"old15-w16-s1": 0.9970, "old15-w16-s2": 0.9966}, {"old15-w16": 15}))
+    out = tmp_path / "seeds-out"
+    out.mkdir()
+    # as .ci/recipe-seeds writes it: one run with its epochs, one from before it recorded
+    # them (read from its console), one failed (left out)
+    runs = [
+        {"recipe": "bn", "seed": 1, "accuracy": 99.5, "errors": 50},
+        {"recipe": "bn", "seed": 2, "epochs": 8, "accuracy": 99.62, "errors": 38},
+        {"recipe": "bn", "seed": 3, "failed": "train exit 1 (see bn-s3.txt)"},
+    ]
+    for run in runs[:2]:
+        run |= {"val_acc": 99.11999999999999, "train_time_s": 600.0, "wall_s": 630.0}
+    (out / "runs.json").write_text(json.dumps(runs))
+    (out / "bn-s1.txt").write_text("training from the start: 8 epochs of 107 steps\n")
+    done = recipe_table(earlier, out / "runs.json")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if "|" in line}
+    # -0.20 and -0.04 against the reference: mean -0.120, standard error 0.080
+    assert "| bn | 8 | 2 | 99.560 ± 0.085 | 99.50, 99.62 |" in rows["bn"]
+    assert "-0.120 over 2 (standard error 0.080; 0 better, 2 worse)" in rows["bn"]
+    assert "bn-s1 test.accuracy=0.9950 test.errors=50 val.acc=0.9912 " in done.stdout
+    assert "(seeds-out/runs.json)" in done.stdout and "bn-s3" not in done.stdout
