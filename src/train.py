@@ -75,6 +75,8 @@ class TrainParams:
     max_rotate: float
     max_scale: float
     cutout: int
+    elastic_alpha: float
+    elastic_sigma: float
     seed: int
     device: Device
     precision: Precision
@@ -106,6 +108,8 @@ class TrainParams:
         check(self, "max_rotate", 0 <= self.max_rotate <= 45, "0..45 degrees")
         check(self, "max_scale", 0 <= self.max_scale < 0.5, "a number in [0, 0.5)")
         check(self, "cutout", 0 <= self.cutout <= 32, "0..32 pixels (0 = off)")
+        check(self, "elastic_alpha", 0 <= self.elastic_alpha <= 100, "0..100 pixels (0 = off)")
+        check(self, "elastic_sigma", 1 <= self.elastic_sigma <= 16, "1..16 pixels")
         eval_ok = self.eval_batch_size == "auto" or self.eval_batch_size >= 1
         check(self, "eval_batch_size", eval_ok, "an integer >= 1 or auto")
         every_ok = self.checkpoint_every >= 0

@@ -1,7 +1,8 @@
 """Augmentation of training batches on the device, for the whole batch at once (no
 per-image Python work, as in KellerJordan/cifar10-airbench): each image shifted by
 its own random offset; optionally rotated and scaled by its own small random affine
-map, and given a black Cutout square (DeVries and Taylor 2017). No flips: digits
+map, bent by its own smooth random displacement field (elastic distortion, Simard et
+al. 2003), and given a black Cutout square (DeVries and Taylor 2017). No flips: digits
 are not symmetric. Every random draw is made for the global batch, so that each
 training process's slice of it is augmented as one process would augment it.
 """
@@ -26,6 +27,8 @@ class Augmentation:
     max_rotate: float = 0.0  # degrees, each direction
     max_scale: float = 0.0  # fraction: sizes within 1 +- max_scale
     cutout: int = 0  # side of the black square, pixels
+    elastic_alpha: float = 0.0  # pixels: scale of the smoothed displacement field
+    elastic_sigma: float = 4.0  # pixels: the Gaussian that smooths it
 
     @property
     def affine(self) -> bool:
@@ -39,6 +42,7 @@ class Draws:
     offsets: Offsets | None
     affine: Tensor | None  # (B, 2, 3), for F.affine_grid
     cutout: Offsets | None  # each square's centre (row, column)
+    elastic: Tensor | None = None  # (B, H, W, 2), added to F.grid_sample's grid
 
     def part(self, rows: slice) -> Draws:
         """The draws of this process's slice of the global batch."""
@@ -47,7 +51,8 @@ class Draws:
             return pair and (pair[0][rows], pair[1][rows])
 
         affine = None if self.affine is None else self.affine[rows]
-        return Draws(sliced(self.offsets), affine, sliced(self.cutout))
+        elastic = None if self.elastic is None else self.elastic[rows]
+        return Draws(sliced(self.offsets), affine, sliced(self.cutout), elastic)
 
 
 def shift_offsets(batch: int, max_shift: int, generator: torch.Generator) -> Offsets | None:
@@ -81,13 +86,36 @@ def cutout_centres(batch: int, size: int, side: int, generator: torch.Generator)
     return rows, cols
 
 
+def elastic_fields(batch: int, size: int, a: Augmentation, generator: torch.Generator) -> Tensor:
+    """(batch, size, size, 2) displacements in F.grid_sample's units (2 / size per pixel):
+    for each image and direction, uniform noise in [-1, 1] smoothed by a Gaussian of
+    elastic_sigma pixels (cut at 4 sigma, zeros beyond the edge) and multiplied by
+    elastic_alpha pixels, as Simard et al. 2003 (their alpha 34, sigma 4: about 1.4
+    pixels of displacement, standard deviation)."""
+    device = generator.device
+    noise = torch.rand((batch, 2, size, size), generator=generator, device=device) * 2 - 1
+    # The Gaussian filter as a (size, size) matrix, applied to the columns and then the
+    # rows: two small matmuls, many times faster than a convolution on a CPU.
+    radius = math.ceil(4 * a.elastic_sigma)
+    taps = torch.arange(-radius, radius + 1, device=device, dtype=noise.dtype)
+    weight = torch.exp(-(taps**2) / (2 * a.elastic_sigma**2))
+    weight = weight / weight.sum()
+    x = torch.arange(size, device=device)
+    distance = x[None, :] - x[:, None]  # gauss[i, j]: the weight of pixel j for pixel i
+    inside = distance.abs() <= radius
+    gauss = torch.where(inside, weight[(distance + radius).clamp(0, 2 * radius)], 0)
+    smooth = gauss @ noise @ gauss.T
+    return smooth.permute(0, 2, 3, 1) * (a.elastic_alpha * 2 / size)
+
+
 def draw(batch: int, size: int, a: Augmentation, generator: torch.Generator) -> Draws:
     """Every random number one global batch needs, in a fixed order (nothing is drawn
     for a part that is off, so turning parts on leaves the others' draws as they were)."""
     offsets = shift_offsets(batch, a.max_shift, generator)
     affine = affine_maps(batch, a, generator) if a.affine else None
     cutout = cutout_centres(batch, size, a.cutout, generator) if a.cutout else None
-    return Draws(offsets, affine, cutout)
+    elastic = elastic_fields(batch, size, a, generator) if a.elastic_alpha else None
+    return Draws(offsets, affine, cutout, elastic)
 
 
 def shift(images: Tensor, offsets: Offsets | None, max_shift: int) -> Tensor:
@@ -104,10 +132,14 @@ def shift(images: Tensor, offsets: Offsets | None, max_shift: int) -> Tensor:
     return padded[torch.arange(b, device=device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
-def warp(images: Tensor, maps: Tensor) -> Tensor:
-    """Images (B,1,H,W, float in [0, 255]) through their affine maps, bilinear, black
-    outside."""
+def warp(images: Tensor, maps: Tensor | None, displacements: Tensor | None = None) -> Tensor:
+    """Images (B,1,H,W, float in [0, 255]) through their affine maps (None: the identity)
+    and then their displacement fields (elastic_fields), bilinear, black outside."""
+    if maps is None:
+        maps = torch.eye(2, 3, device=images.device).expand(len(images), 2, 3)
     grid = F.affine_grid(maps, list(images.shape), align_corners=False)
+    if displacements is not None:
+        grid = grid + displacements
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -129,8 +161,8 @@ def augment(images: Tensor, draws: Draws, a: Augmentation) -> Tensor:
     """uint8 images (B,1,H,W) augmented by `draws`: shifted, then warped and cut if those
     parts are on (then returned as float in [0, 255], else still uint8)."""
     images = shift(images, draws.offsets, a.max_shift)
-    if draws.affine is not None:
-        images = warp(images.float(), draws.affine)
+    if draws.affine is not None or draws.elastic is not None:
+        images = warp(images.float(), draws.affine, draws.elastic)
     if draws.cutout is not None:
         images = cut(images, draws.cutout, a.cutout)
     return images

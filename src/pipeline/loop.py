@@ -101,7 +101,9 @@ def new_state(net: nn.Module, run: Run, steps: int) -> TrainingState:
 
 
 def augmentation(p: TrainParams) -> Augmentation:
-    return Augmentation(p.max_shift, p.max_rotate, p.max_scale, p.cutout)
+    return Augmentation(
+        p.max_shift, p.max_rotate, p.max_scale, p.cutout, p.elastic_alpha, p.elastic_sigma
+    )
 
 
 def evaluated(state: TrainingState) -> nn.Module:
