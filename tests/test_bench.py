@@ -65,7 +65,7 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     other_precision = "precision fp32" if auto == "bf16" else "precision bf16"
     output = result.stdout  # the table, the JSON line, then --profile's op table
     train_params = yaml.safe_load((project / "params.yaml").read_text())["train"]
-    augmented = any(train_params[key] for key in ("max_rotate", "max_scale", "cutout"))
+    augmented = any(train_params[key] for key in ablation.AUGMENT)
     augment_row = "ours, augment " + ("off" if augmented else "on")
     for row in (
         "ours ",
@@ -137,15 +137,18 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     assert all(0 < v <= 1 for v in summary["min_over_max"].values())
 
 
-def test_augment_flips_the_rotation_scaling_and_cutout_off_or_the_defaults_on() -> None:
+def test_augment_flips_the_rotation_scaling_elastic_and_cutout_off_or_the_defaults_on() -> None:
     p = tiny_train_params()  # the committed train section: whatever augmentation it has
-    off = dataclasses.replace(p, max_rotate=0.0, max_scale=0.0, cutout=0)
+    nothing = {"max_rotate": 0.0, "max_scale": 0.0, "cutout": 0, "elastic_alpha": 0.0}
+    off = dataclasses.replace(p, **nothing)
     settings = training_settings(off, torch.device("cpu"))
     label, on = ablation.flipped(off, settings, "augment")
     assert label == "augment on"
-    assert (on.max_rotate, on.max_scale, on.cutout) == (10.0, 0.1, 0)  # the defaults'
-    assert dataclasses.replace(on, max_rotate=0.0, max_scale=0.0, cutout=0) == off  # only those
-    for partly in (dataclasses.replace(off, cutout=4), dataclasses.replace(off, max_scale=0.2)):
+    recipe = (on.max_rotate, on.max_scale, on.cutout, on.elastic_alpha)
+    assert recipe == (10.0, 0.1, 0, 0.0)  # the defaults'
+    assert dataclasses.replace(on, **nothing) == off  # only those
+    changes = [{"cutout": 4}, {"max_scale": 0.2}, {"elastic_alpha": 9.0}]
+    for partly in (dataclasses.replace(off, **change) for change in changes):
         label, back = ablation.flipped(partly, settings, "augment")
         assert label == "augment off" and back == off
 

@@ -1,8 +1,8 @@
 """The benchmark's ablation: each option of `bench.py --ablate` set opposite to what
 `auto` chose, so that its row shows the option's worth against ours as it is.
 
-`augment` is the rotation, scaling and Cutout: all off where params.yaml has any,
-else the default recipe's rotation and scaling on (docs/recipe.md).
+`augment` is the rotation, scaling, elastic distortion and Cutout: all off where
+params.yaml has any, else the default recipe's on (docs/recipe.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ OPTIONS = ("precision", "channels_last", "compile", "cuda_graphs", "fused_optimi
 # What `--ablate augment` turns on where params.yaml has no augmentation but the shift:
 # the default recipe's (docs/recipe.md: Cutout left out); where it has some, the flip
 # turns it all off.
-AUGMENT = {"max_rotate": 10.0, "max_scale": 0.1, "cutout": 0}
+AUGMENT = {"max_rotate": 10.0, "max_scale": 0.1, "cutout": 0, "elastic_alpha": 0.0}
 
 
 def flipped_precision(precision: str) -> tuple[str, dict]:
@@ -35,10 +35,10 @@ def flipped_switch(option: str, value: bool) -> tuple[str, dict]:
 
 
 def flipped_augment(p: TrainParams) -> tuple[str, dict]:
-    """A label and the change that turns the rotation, scaling and Cutout off if any is
-    on, else AUGMENT's on: their cost is ours against this row."""
+    """A label and the change that turns the rotation, scaling, elastic distortion and
+    Cutout off if any is on, else AUGMENT's on: their cost is ours against this row."""
     if any(getattr(p, key) for key in AUGMENT):
-        return "augment off", {"max_rotate": 0.0, "max_scale": 0.0, "cutout": 0}
+        return "augment off", {key: type(value)(0) for key, value in AUGMENT.items()}
     return "augment on", dict(AUGMENT)
 
 
