@@ -71,6 +71,7 @@ class TrainParams:
     warmup_epochs: float
     ema_decay: float
     bn_momentum: float
+    zero_init_residual: bool
     max_shift: int
     max_rotate: float
     max_scale: float
@@ -128,10 +129,13 @@ def load_data(processed: Path, device: torch.device) -> Data:
     return Data(*on_device, val["labels"].to(device), stats["mean"], stats["std"])
 
 
-def build_model(width: int, bn_momentum: float, sync_batchnorm: bool) -> nn.Module:
-    """ResNet-18 at `width`, initialised from the global generator (seeded first), its
-    BatchNorm running statistics updated with `bn_momentum` per step."""
-    net = resnet18(width=width)
+def build_model(
+    width: int, bn_momentum: float, sync_batchnorm: bool, zero_init_residual: bool = False
+) -> nn.Module:
+    """ResNet-18 at `width`, initialised from the global generator (seeded first), each
+    residual block's last BatchNorm scale at 0 if `zero_init_residual`, its BatchNorm
+    running statistics updated with `bn_momentum` per step."""
+    net = resnet18(width=width, zero_init_residual=zero_init_residual)
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = bn_momentum
@@ -232,7 +236,9 @@ def main() -> None:
         if world.main and (removed := checkpoint.prune_other_runs()):
             say(f"removed the checkpoints of older unfinished runs: {', '.join(map(str, removed))}")
         seed_everything(p.seed)
-        net = build_model(model_p.width, p.bn_momentum, settings.sync_batchnorm)
+        net = build_model(
+            model_p.width, p.bn_momentum, settings.sync_batchnorm, p.zero_init_residual
+        )
         this_run = Run(p, settings, checkpoint, world)
         if world.main:
             say(describe(model_p, net, data, this_run))

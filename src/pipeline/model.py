@@ -69,6 +69,7 @@ class ResNet(nn.Module):
         width: int = 64,
         num_classes: int = NUM_CLASSES,
         in_channels: int = 1,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         if width < 1 or num_classes < 1:
@@ -94,6 +95,13 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
+        # Each block's last BatchNorm scale at 0, so that every block starts as the
+        # identity (Goyal et al. 2017, sec. 5.1; torchvision's zero_init_residual).
+        # Constants only: the random draws are the same either way.
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    nn.init.constant_(m.bn2.weight, 0)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -114,9 +122,11 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-def resnet18(width: int = 64, num_classes: int = NUM_CLASSES) -> ResNet:
+def resnet18(
+    width: int = 64, num_classes: int = NUM_CLASSES, zero_init_residual: bool = False
+) -> ResNet:
     """ResNet-18 (two BasicBlocks per layer) for 1x32x32 inputs."""
-    return ResNet([2, 2, 2, 2], width=width, num_classes=num_classes)
+    return ResNet([2, 2, 2, 2], width, num_classes, zero_init_residual=zero_init_residual)
 
 
 # --------------------------------------------------------------------------- inference
