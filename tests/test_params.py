@@ -154,6 +154,10 @@ def test_missing_key_and_missing_section() -> None:
         ({"warmup_epochs": 99}, "train.warmup_epochs = 99.0 is not allowed"),
         ({"elastic_alpha": -1}, "train.elastic_alpha = -1.0 is not allowed: 0..100 pixels"),
         ({"elastic_sigma": 0}, "train.elastic_sigma = 0.0 is not allowed: 1..16 pixels"),
+        (
+            {"zero_init_residual": "yes"},
+            "train.zero_init_residual = 'yes' is not allowed: true or false",
+        ),
         ({"momentum": 0}, "train.nesterov = True is not allowed: false when train.momentum is 0"),
     ],
 )

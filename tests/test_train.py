@@ -149,6 +149,29 @@ def test_batchnorm_momentum_is_set_on_every_batchnorm() -> None:
     assert momenta == {0.02}
 
 
+def test_zero_init_residual_starts_each_block_as_the_identity() -> None:
+    """Every BasicBlock's last BatchNorm scale at 0, so a block adds nothing to its
+    shortcut; every other tensor exactly as drawn without it, and the random state left
+    as it leaves it (the same seed's weights, then batches)."""
+    torch.manual_seed(5)
+    plain = train.build_model(4, bn_momentum=0.1, sync_batchnorm=False)
+    drawn_after_plain = torch.get_rng_state()
+    torch.manual_seed(5)
+    zeroed = train.build_model(4, 0.1, False, zero_init_residual=True)
+    assert torch.equal(torch.get_rng_state(), drawn_after_plain)  # the same draws after it
+    changed = {
+        name
+        for name, value in zeroed.state_dict().items()
+        if not torch.equal(value, plain.state_dict()[name])
+    }
+    blocks = [f"layer{i}.{j}" for i in (1, 2, 3, 4) for j in (0, 1)]
+    assert changed == {f"{block}.bn2.weight" for block in blocks}
+    assert all(not zeroed.get_submodule(block).bn2.weight.any() for block in blocks)
+    block = zeroed.layer1[1].eval()  # no downsample: its output is relu(x) exactly
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(block(x), torch.relu(x))
+
+
 def test_training_learns(tmp_path: Path) -> None:
     """Four epochs on the synthetic digits reach (near) perfect validation accuracy,
     improving epoch by epoch. Without shifts: a digit's class is the row of its bar, and
