@@ -90,7 +90,7 @@ def elastic_fields(batch: int, size: int, a: Augmentation, generator: torch.Gene
     """(batch, size, size, 2) displacements in F.grid_sample's units (2 / size per pixel):
     for each image and direction, uniform noise in [-1, 1] smoothed by a Gaussian of
     elastic_sigma pixels (cut at 4 sigma, zeros beyond the edge) and multiplied by
-    elastic_alpha pixels, as Simard et al. 2003 (their alpha 34, sigma 4: about 1.4
+    elastic_alpha pixels, as Simard et al. 2003 (their alpha 34, sigma 4: about 1.3
     pixels of displacement, standard deviation)."""
     device = generator.device
     noise = torch.rand((batch, 2, size, size), generator=generator, device=device) * 2 - 1
