@@ -9,6 +9,7 @@ training process's slice of it is augmented as one process would augment it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -86,6 +87,21 @@ def cutout_centres(batch: int, size: int, side: int, generator: torch.Generator)
     return rows, cols
 
 
+@functools.cache
+def gaussian_filter_matrix(size: int, sigma: float, device: torch.device) -> Tensor:
+    """A Gaussian filter of `sigma` pixels (cut at 4 sigma, zeros beyond the edge) as a
+    (size, size) matrix: row i holds the weight of each pixel j for pixel i. Applied by
+    matmul, many times faster than a convolution on a CPU; made once per size and sigma."""
+    radius = math.ceil(4 * sigma)
+    taps = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    weight = torch.exp(-(taps**2) / (2 * sigma**2))
+    weight = weight / weight.sum()
+    x = torch.arange(size, device=device)
+    distance = x[None, :] - x[:, None]
+    inside = distance.abs() <= radius
+    return torch.where(inside, weight[(distance + radius).clamp(0, 2 * radius)], 0)
+
+
 def elastic_fields(batch: int, size: int, a: Augmentation, generator: torch.Generator) -> Tensor:
     """(batch, size, size, 2) displacements in F.grid_sample's units (2 / size per pixel):
     for each image and direction, uniform noise in [-1, 1] smoothed by a Gaussian of
@@ -94,17 +110,8 @@ def elastic_fields(batch: int, size: int, a: Augmentation, generator: torch.Gene
     pixels of displacement, standard deviation)."""
     device = generator.device
     noise = torch.rand((batch, 2, size, size), generator=generator, device=device) * 2 - 1
-    # The Gaussian filter as a (size, size) matrix, applied to the columns and then the
-    # rows: two small matmuls, many times faster than a convolution on a CPU.
-    radius = math.ceil(4 * a.elastic_sigma)
-    taps = torch.arange(-radius, radius + 1, device=device, dtype=noise.dtype)
-    weight = torch.exp(-(taps**2) / (2 * a.elastic_sigma**2))
-    weight = weight / weight.sum()
-    x = torch.arange(size, device=device)
-    distance = x[None, :] - x[:, None]  # gauss[i, j]: the weight of pixel j for pixel i
-    inside = distance.abs() <= radius
-    gauss = torch.where(inside, weight[(distance + radius).clamp(0, 2 * radius)], 0)
-    smooth = gauss @ noise @ gauss.T
+    gauss = gaussian_filter_matrix(size, a.elastic_sigma, device)
+    smooth = gauss @ noise @ gauss.T  # the filter down the columns, then along the rows
     return smooth.permute(0, 2, 3, 1) * (a.elastic_alpha * 2 / size)
 
 

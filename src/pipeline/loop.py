@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -101,9 +101,8 @@ def new_state(net: nn.Module, run: Run, steps: int) -> TrainingState:
 
 
 def augmentation(p: TrainParams) -> Augmentation:
-    return Augmentation(
-        p.max_shift, p.max_rotate, p.max_scale, p.cutout, p.elastic_alpha, p.elastic_sigma
-    )
+    """The augmentation params.yaml asks for: Augmentation's fields are train.* keys."""
+    return Augmentation(**{f.name: getattr(p, f.name) for f in fields(Augmentation)})
 
 
 def evaluated(state: TrainingState) -> nn.Module:
