@@ -10,7 +10,8 @@ On one device, in one run, measures training images/s for
               with the same settings as ours (no data path at all);
 then ours with each option of `--ablate` flipped from what `auto` chose (and
 `augment`: the rotation, scaling and Cutout off, or where none is on, the default
-recipe's rotation and scaling on: their cost), the
+recipe's rotation and scaling on; with it, the data path of a step timed alone with
+and without them, whose difference is their share of a step), the
 evaluate stage's images/s (as params.yaml's `evaluate` section resolves on the
 device, `auto` by default; at the other `auto` batch size; and with each of
 `--ablate`'s precision and channels_last flipped),
@@ -43,7 +44,7 @@ import train
 from pipeline.ablation import OPTIONS, flipped, flipped_precision, flipped_switch
 from pipeline.bench_report import measure, report, summary
 from pipeline.errors import PipelineError
-from pipeline.loop import Data, Run, fit, new_state, train_step
+from pipeline.loop import Data, Run, batch, fit, new_state, train_step
 from pipeline.measure import hardware, timed
 from pipeline.model import normalise, resnet18
 from pipeline.params import load_params, load_paths
@@ -101,6 +102,20 @@ def bench_ceiling(data: Data, p: train.TrainParams, width: int, warmup: int, ste
     y = data.train_y[: p.batch_size]
     step = lambda: train_step(forward, x, y, state, loss_fn, s)  # noqa: E731
     return steps * p.batch_size / timed(step, warmup, steps, s.device)
+
+
+def bench_data_path(data: Data, p: train.TrainParams, steps: int) -> float:
+    """Images/s of the train stage's data path alone (`loop.batch`: one step's batch
+    indexed, augmented and normalised), over 20 times `steps` steps. It takes a few
+    milliseconds a step, less than the noise of the step around it, so the
+    augmentation's cost is read from two of these, with and without it."""
+    device = data.train_x.device
+    generator = torch.Generator(device=device).manual_seed(p.seed)
+    indices = torch.randperm(len(data.train_y), generator=generator, device=device)
+    indices, run_ = indices[: p.batch_size], Run(p, training_settings(p, device))
+    calls = 20 * steps
+    seconds = timed(lambda: batch(data, indices, run_, generator), 5, calls, device)
+    return calls * p.batch_size / seconds
 
 
 def bench_evaluate(data: Data, width: int, images: int, s: Settings) -> float:
@@ -200,10 +215,16 @@ def measurements(
         for label, s in evaluations.items()
     }
     settings = training_settings(p, device)
+    variants = {label: variant for label, variant in (flipped(p, settings, o) for o in ablate)}
     ablation_rows = {
         f"ours, {label}": (lambda v=variant: bench_ours(data, v, width, steps))
-        for label, variant in (flipped(p, settings, option) for option in ablate)
+        for label, variant in variants.items()
     }
+    if "augment" in ablate:  # the augmentation's share of a step (bench_report.summary)
+        label = next(label for label in variants if label.startswith("augment"))
+        ablation_rows["data path"] = lambda: bench_data_path(data, p, steps)
+        flip = variants[label]
+        ablation_rows[f"data path, {label}"] = lambda: bench_data_path(data, flip, steps)
     if device.type == "cuda":
         # ablations last: each compiles anew, so a run cut short by a time limit (a GPU
         # session) loses only some of them

@@ -4,6 +4,7 @@ assertions on the timings themselves: machines are noisy)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -17,7 +18,7 @@ from conftest import run_cmd, tiny_train_params, write_params
 
 import bench
 import preprocess
-from pipeline import ablation
+from pipeline import ablation, bench_report
 from pipeline.measure import training_flops_per_image
 from pipeline.settings import training_settings
 
@@ -66,7 +67,8 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     output = result.stdout  # the table, the JSON line, then --profile's op table
     train_params = yaml.safe_load((project / "params.yaml").read_text())["train"]
     augmented = any(train_params[key] for key in ablation.AUGMENT)
-    augment_row = "ours, augment " + ("off" if augmented else "on")
+    augment_flip = "augment " + ("off" if augmented else "on")
+    augment_row = f"ours, {augment_flip}"
     for row in (
         "ours ",
         "seed-style",
@@ -74,6 +76,9 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "ours, channels_last False",
         f"ours, {other_precision}",
         augment_row,
+        "data path",  # --ablate augment: the data path alone, with and without it
+        f"data path, {augment_flip}",
+        "augmentation: ",
         "evaluate",
         "evaluate, batch 1024",  # the evaluation batch flipped from auto's 64 on a CPU
         f"evaluate, {other_precision}",  # --ablate's options flip in evaluate too
@@ -99,15 +104,18 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
         "ours, channels_last False",
         f"ours, {other_precision}",
         augment_row,
+        "data path",
+        f"data path, {augment_flip}",
     }
     # the table: one row per figure of the JSON, each with the same numbers; "vs auto" is
-    # a training row over ours, an evaluate row over the evaluate stage as auto runs it
+    # a training row over ours, an evaluate row over the evaluate stage as auto runs it,
+    # a data path row over ours' data path
     start = next(i for i, ln in enumerate(lines) if ln.startswith("measurement")) + 1
     end = next(i for i, ln in enumerate(lines) if ln.startswith("ours/seed-style"))
     table = {ln[:34].strip(): [float(v) for v in ln[34:].split()] for ln in lines[start:end]}
     assert list(table) == list(speed)
     for name, (images, vs_auto, memory, min_over_max) in table.items():
-        reference = speed["evaluate" if name.startswith("evaluate") else "ours"]
+        reference = speed[next((r for r in ("evaluate", "data path") if r in name), "ours")]
         assert images == pytest.approx(speed[name], abs=0.051), name
         assert vs_auto == pytest.approx(speed[name] / reference, rel=1e-3, abs=1e-3), name
         assert memory == pytest.approx(summary["peak_memory_mib"][name], abs=0.51), name
@@ -123,6 +131,13 @@ def test_bench_prints_every_figure(project: Path, synthetic_files: dict) -> None
     for ratio, slower in ((seed_style, "seed-style"), (ceiling, "ceiling")):
         rounding = (0.005 / speed["ours"] + 0.005 / speed[slower]) * ratio + 5e-4
         assert ratio == pytest.approx(speed["ours"] / speed[slower], abs=rounding), slower
+    # the augmentation's share of a step, from the unrounded speeds: as its line says
+    with_it, without = ("data path", "data path, augment off")[:: 1 if augmented else -1]
+    step = speed["ours" if augmented else "ours, augment on"]
+    share = (1 / speed[with_it] - 1 / speed[without]) * step
+    assert summary["augment_share_of_step"] == pytest.approx(share, rel=1e-3, abs=1e-4)
+    printed = re.search(r"augmentation: (-?[\d.]+)% of a training step", output)
+    assert float(printed[1]) == pytest.approx(100 * summary["augment_share_of_step"], abs=0.006)
     flops = training_flops_per_image(2)
     assert summary["train_gflop_per_image"] == round(flops / 1e9, 3)
     assert summary["ours_tflops"] == pytest.approx(speed["ours"] * flops / 1e12, abs=6e-5)
@@ -151,6 +166,46 @@ def test_augment_flips_the_rotation_scaling_elastic_and_cutout_off_or_the_defaul
     for partly in (dataclasses.replace(off, **change) for change in changes):
         label, back = ablation.flipped(partly, settings, "augment")
         assert label == "augment off" and back == off
+
+
+def test_augment_share_is_the_data_paths_difference_over_a_step() -> None:
+    # a step of 0.1 s per image; the data path 0.002 s per image with, 0.001 without
+    step, with_it, without = 10.0, 500.0, 1000.0  # images/s
+    ours_augments = {"ours": step, "data path": with_it, "data path, augment off": without}
+    assert bench_report.augment_share(ours_augments) == pytest.approx(0.01)
+    ours_does_not = {
+        "ours": 99.0,  # ours without augmentation: not the step the share is of
+        "ours, augment on": step,
+        "data path": without,
+        "data path, augment on": with_it,
+    }
+    assert bench_report.augment_share(ours_does_not) == pytest.approx(0.01)
+    assert bench_report.augment_share({"ours": step, "data path": with_it}) is None
+
+
+@pytest.mark.parametrize("augmented", [True, False])
+def test_the_data_path_rows_time_ours_and_its_augment_flip(
+    augmented: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nothing = {"max_rotate": 0.0, "max_scale": 0.0, "cutout": 0, "elastic_alpha": 0.0}
+    p = tiny_train_params(**({} if augmented else nothing))
+    assert any(getattr(p, key) for key in ablation.AUGMENT) == augmented
+    timed_params = {}
+    monkeypatch.setattr(
+        bench,
+        "bench_data_path",
+        lambda data, q, steps: timed_params.setdefault(len(timed_params), q),
+    )
+    images = torch.zeros(64, 1, 32, 32, dtype=torch.uint8)
+    data = bench.Data(images, torch.zeros(64).long(), images, torch.zeros(64).long(), 0.1, 0.3)
+    args = argparse.Namespace(width=2, steps=1, warmup=1, seed_workers=0, ablate="augment")
+    rows = bench.measurements(args, data, p, {})
+    flip = "data path, augment " + ("off" if augmented else "on")
+    assert [k for k in rows if k.startswith("data path")] == ["data path", flip]
+    rows["data path"](), rows[flip]()
+    assert timed_params[0] == p
+    _, flipped = ablation.flipped(p, training_settings(p, torch.device("cpu")), "augment")
+    assert timed_params[1] == flipped != p
 
 
 def test_flop_count_of_resnet18() -> None:

@@ -32,12 +32,31 @@ def measure(rows: dict[str, Callable[[], float]], repeats: int, device: torch.de
         values = [run_once() for _ in range(repeats)]
         results[key], spread[key] = max(values), min(values) / max(values)
         memory[key] = peak_memory_mib(device)
-        ratio = results[key] / results["evaluate" if key.startswith("evaluate") else "ours"]
+        ratio = results[key] / results[reference_row(key)]
         print(
             f"{key:<34}{results[key]:>12.1f}{ratio:>10.3f}{memory[key]:>10.0f}{spread[key]:>10.3f}",
             flush=True,
         )
     return results, memory, spread
+
+
+def reference_row(key: str) -> str:
+    """The row a row's "vs auto" is over: an evaluate row the evaluate stage's as auto
+    runs it, a data path row ours' data path, any other training row ours."""
+    return next((r for r in ("evaluate", "data path") if key.startswith(r)), "ours")
+
+
+def augment_share(results: dict[str, float]) -> float | None:
+    """The augmentation's share of a training step: the data path's seconds per image
+    with it minus those without it, over ours' (with it); None unless both data path
+    rows were measured (`--ablate augment`)."""
+    if "data path, augment off" in results:  # ours augments: the flip turned it off
+        with_it, without, step = "data path", "data path, augment off", "ours"
+    elif "data path, augment on" in results:  # ours does not: the flip turned it on
+        with_it, without, step = "data path, augment on", "data path", "ours, augment on"
+    else:
+        return None
+    return (1 / results[with_it] - 1 / results[without]) * results[step]
 
 
 def summary(args: argparse.Namespace, s: Settings, evaluation: Settings, figures: tuple) -> dict:
@@ -47,6 +66,7 @@ def summary(args: argparse.Namespace, s: Settings, evaluation: Settings, figures
     flops = training_flops_per_image(args.width)
     peak = next((v[s.precision] for k, v in PEAK_TFLOPS.items() if k in name), None)
     tflops = results["ours"] * flops / 1e12
+    share = augment_share(results)
     return {
         "hardware": name,
         "device": s.device.type,
@@ -60,6 +80,7 @@ def summary(args: argparse.Namespace, s: Settings, evaluation: Settings, figures
         "images_per_s": {k: round(v, 2) for k, v in results.items()},
         "ours_over_seed_style": round(results["ours"] / results["seed-style"], 3),
         "ours_over_ceiling": round(results["ours"] / results["ceiling"], 3),
+        "augment_share_of_step": None if share is None else round(share, 4),
         "train_gflop_per_image": round(flops / 1e9, 3),
         "ours_tflops": round(tflops, 4),
         "peak_tflops": peak,
@@ -79,6 +100,12 @@ def report(figures: dict, spread: dict) -> None:
         f"per training image, {tflops:.4f} TFLOP/s"
         + (f" = {tflops / peak:.1%} of {peak:.0f} peak" if peak else "")
     )
+    share = figures["augment_share_of_step"]
+    if share is not None:
+        print(
+            f"augmentation: {share:.2%} of a training step (the data path timed alone with "
+            "and without it, against ours' step)"
+        )
     if (
         figures["steps"] < 10
         or min(spread.values()) < 0.95
