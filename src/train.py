@@ -32,6 +32,7 @@ from torch import nn
 
 from pipeline import distributed, gpus, locks
 from pipeline.checkpoint import Checkpoint
+from pipeline.ema import unreached_note
 from pipeline.files import atomic_path, load_torch
 from pipeline.identity import run_id, stage_code, training_recipe
 from pipeline.loop import Data, Run, fit, out_of_memory_named, seed_everything
@@ -242,6 +243,9 @@ def main() -> None:
         this_run = Run(p, settings, checkpoint, world)
         if world.main:
             say(describe(model_p, net, data, this_run))
+            steps = p.epochs * (len(data.train_y) // p.batch_size)
+            if p.ema_decay and steps and (note := unreached_note(p.ema_decay, steps)):
+                say(note)
         train_and_report(model_p, net, data, this_run, paths)
         # the resume state goes only once every process is done: should one fail first,
         # the stage fails and `dvc repro` resumes rather than training again from nothing

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import synthetic_digits, tiny_train_params, wait_until
+from conftest import TINY, synthetic_digits, tiny_train_params, wait_until, write_params
 
 import train
-from pipeline import loop, optim
+from pipeline import loop, optim, process
 from pipeline.checkpoint import Checkpoint, TrainingState
-from pipeline.ema import WeightAverage
+from pipeline.ema import WeightAverage, unreached_note
 from pipeline.errors import PipelineError
 from pipeline.files import load_torch
 from pipeline.loop import Data, Run
@@ -113,6 +113,53 @@ def test_the_weights_average_follows_the_weights() -> None:
     assert average.steps == 1 and average.rate() == pytest.approx(2 / 11)
     average.steps = 10_000
     assert average.rate() == 0.999  # later: the decay itself
+
+
+def test_a_decay_the_run_never_reaches_is_named() -> None:
+    """The warm-up (1 + t) / (10 + t) reaches 0.995 at step 1,790: the default 856 steps
+    average at the warm-up's rate throughout, so 0.995 and 0.998 train the same."""
+    note = unreached_note(0.995, 856)
+    assert note is not None and "train.ema_decay 0.995" in note and "856 steps" in note
+    assert "0.9896 at the last step" in note  # 856 / 865, the rate of step 855
+    assert unreached_note(0.995, 1791) is None  # its last step, 1,790, reaches it
+    assert unreached_note(0.995, 1790) is not None
+    for decay, steps in ((0.995, 856), (0.998, 856), (0.995, 1791), (0.9, 100)):
+        average = WeightAverage(resnet18(width=2), decay)
+        average.steps = steps - 1  # the last update's
+        assert (unreached_note(decay, steps) is None) == (average.rate() == decay)
+
+
+@pytest.mark.parametrize("decay, said", [(0.5, True), (0.2, False), (0.0, False)])
+def test_the_train_stage_says_when_its_average_never_reaches_the_decay(
+    project: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    interrupt_handlers: None,  # run() installs them; put back after
+    decay: float,
+    said: bool,
+) -> None:
+    processed = project / "data/processed"
+    processed.mkdir(parents=True)
+    for split, n in (("train", 100), ("val", 8)):  # 2 epochs of 2 steps of 50: steps 0-3
+        images, labels = torch.zeros(n, 1, 32, 32, dtype=torch.uint8), torch.zeros(n).long()
+        torch.save({"images": images, "labels": labels}, processed / f"{split}.pt")
+    (processed / "stats.json").write_text('{"mean": 0.1, "std": 0.3}')
+    write_params(project, TINY | {"train": TINY["train"] | {"ema_decay": decay}})
+
+    def stop(*args: object, **kwargs: object) -> None:  # the note comes before training
+        raise PipelineError("stopped here")
+        yield
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(train, "fit", stop)
+    monkeypatch.setattr(process, "stop_with_parent", lambda: None)  # pytest's process
+    with pytest.raises(SystemExit):
+        process.run(train.main)
+    out = capsys.readouterr().out
+    # at step 3 the warm-up's rate is 4 / 13 = 0.3077: below 0.5, above 0.2
+    expected = "note: train.ema_decay 0.5 is not reached in this run's 4 steps"
+    assert (expected in out) == said and ("0.3077 at the last step" in out) == said
+    assert ("note: train.ema_decay" in out) == said
 
 
 def test_with_an_average_it_is_validated_saved_and_resumed(tmp_path: Path) -> None:

@@ -15,6 +15,27 @@ import torch
 from torch import nn
 
 
+def warmup_rate(decay: float, step: int) -> float:
+    """The decay at `step` (counted from 0): `decay`, or less while (1 + step) /
+    (10 + step) is less."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def unreached_note(decay: float, steps: int) -> str | None:
+    """A line for a run of `steps` updates that ends before the warm-up reaches `decay`:
+    then the warm-up sets the rate throughout, whatever `decay` is (0.995 takes 1,790
+    steps; the default run has 856). None when the run reaches it."""
+    last = warmup_rate(decay, steps - 1)
+    if last >= decay:
+        return None
+    return (
+        f"note: train.ema_decay {decay} is not reached in this run's {steps} steps: the "
+        f"average's warm-up rate, (1 + step) / (10 + step), sets it throughout ({last:.4f} "
+        f"at the last step), so any value above {last:.4f} trains the same average "
+        "(pipeline/ema.py)"
+    )
+
+
 class WeightAverage:
     """The running average of `net`'s parameters and buffers, as a network of its own."""
 
@@ -28,7 +49,7 @@ class WeightAverage:
 
     def rate(self) -> float:
         """The decay of this step: `decay`, less at first."""
-        return min(self.decay, (1 + self.steps) / (10 + self.steps))
+        return warmup_rate(self.decay, self.steps)
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
