@@ -8,6 +8,7 @@ import fcntl
 import os
 import pty
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 import pytest
 from conftest import ROOT
 
+from pipeline import process
 from pipeline import progress as progress_module
 from pipeline.progress import Progress, format_duration
 
@@ -119,3 +121,21 @@ def test_on_a_terminal_lines_appear_above_the_bar_never_on_its_line() -> None:
     for line in ("epoch 1/2: train loss 0.5", "interrupted"):
         start = text.index(line)
         assert text[start - 1] in "\r\n", repr(text[max(0, start - 40) : start + len(line)])
+
+
+def test_a_stop_signal_while_a_line_is_written_waits_for_the_write(
+    interrupt_handlers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM inside tqdm.write would break tqdm's lock (RuntimeError, not the
+    stage's interrupted message): say() lets the write finish, then raises it."""
+    written = []
+
+    def write(line: str) -> None:
+        signal.raise_signal(signal.SIGTERM)
+        written.append(line)
+
+    process.install_interrupt_handlers()
+    monkeypatch.setattr(progress_module.tqdm, "write", write)
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        progress_module.say("epoch 1/2: ...")
+    assert written == ["epoch 1/2: ..."]

@@ -13,6 +13,8 @@ from types import TracebackType
 
 from tqdm import tqdm
 
+from pipeline.process import interrupts_deferred
+
 PROGRESS_EVERY_S = 60.0  # seconds between progress lines where no bar is shown
 ESTIMATE_AFTER_S = 20.0  # seconds of timed steps before the run's length is estimated
 ESTIMATE_AFTER_STEPS = 5
@@ -25,9 +27,12 @@ def format_duration(seconds: float) -> str:
 
 
 def say(line: str) -> None:
-    """Print a line on stdout above any progress bar (which is on stderr)."""
-    tqdm.write(line)
-    sys.stdout.flush()
+    """Print a line on stdout above any progress bar (which is on stderr). Whole: a
+    stop signal raised inside tqdm.write would leave its lock half-taken, and the stage
+    would die of tqdm's RuntimeError instead of saying it was interrupted."""
+    with interrupts_deferred():
+        tqdm.write(line)
+        sys.stdout.flush()
 
 
 class Progress:
