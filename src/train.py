@@ -244,7 +244,7 @@ def main() -> None:
         if world.main:
             say(describe(model_p, net, data, this_run))
             steps = p.epochs * (len(data.train_y) // p.batch_size)
-            if p.ema_decay and steps and (note := unreached_note(p.ema_decay, steps)):
+            if note := unreached_note(p.ema_decay, steps):
                 say(note)
         train_and_report(model_p, net, data, this_run, paths)
         # the resume state goes only once every process is done: should one fail first,

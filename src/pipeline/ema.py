@@ -24,9 +24,10 @@ def warmup_rate(decay: float, step: int) -> float:
 def unreached_note(decay: float, steps: int) -> str | None:
     """A line for a run of `steps` updates that ends before the warm-up reaches `decay`:
     then the warm-up sets the rate throughout, whatever `decay` is (0.995 takes 1,790
-    steps; the default run has 856). None when the run reaches it."""
+    steps; the default run has 856). None when the run reaches it, keeps no average
+    (decay 0) or takes no step."""
     last = warmup_rate(decay, steps - 1)
-    if last >= decay:
+    if not decay or not steps or last >= decay:
         return None
     return (
         f"note: train.ema_decay {decay} is not reached in this run's {steps} steps: the "
