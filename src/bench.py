@@ -114,7 +114,7 @@ def bench_data_path(data: Data, p: train.TrainParams, steps: int) -> float:
     indices = torch.randperm(len(data.train_y), generator=generator, device=device)
     indices, run_ = indices[: p.batch_size], Run(p, training_settings(p, device))
     calls = 20 * steps
-    seconds = timed(lambda: batch(data, indices, run_, generator), 5, calls, device)
+    seconds = timed(lambda: batch(data, indices, run_, generator, 1), 5, calls, device)
     return calls * p.batch_size / seconds
 
 
@@ -249,6 +249,7 @@ def main() -> None:
         batch_size=args.batch_size,
         epochs=2,
         warmup_epochs=1,
+        unaugmented_epochs=0,  # the timed epoch augments, as most of a run's do
         checkpoint_every=0,
         device=device.type,
     )

@@ -79,6 +79,7 @@ class TrainParams:
     cutout: int
     elastic_alpha: float
     elastic_sigma: float
+    unaugmented_epochs: int
     seed: int
     device: Device
     precision: Precision
@@ -112,6 +113,8 @@ class TrainParams:
         check(self, "cutout", 0 <= self.cutout <= 32, "0..32 pixels (0 = off)")
         check(self, "elastic_alpha", 0 <= self.elastic_alpha <= 100, "0..100 pixels (0 = off)")
         check(self, "elastic_sigma", 1 <= self.elastic_sigma <= 16, "1..16 pixels")
+        plain_ok = 0 <= self.unaugmented_epochs <= self.epochs
+        check(self, "unaugmented_epochs", plain_ok, f"0..train.epochs = {self.epochs}")
         eval_ok = self.eval_batch_size == "auto" or self.eval_batch_size >= 1
         check(self, "eval_batch_size", eval_ok, "an integer >= 1 or auto")
         every_ok = self.checkpoint_every >= 0

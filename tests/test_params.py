@@ -155,6 +155,10 @@ def test_missing_key_and_missing_section() -> None:
         ({"elastic_alpha": -1}, "train.elastic_alpha = -1.0 is not allowed: 0..100 pixels"),
         ({"elastic_sigma": 0}, "train.elastic_sigma = 0.0 is not allowed: 1..16 pixels"),
         (
+            {"unaugmented_epochs": 9},
+            "train.unaugmented_epochs = 9 is not allowed: 0..train.epochs = 8",
+        ),
+        (
             {"zero_init_residual": "yes"},
             "train.zero_init_residual = 'yes' is not allowed: true or false",
         ),

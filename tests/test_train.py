@@ -24,7 +24,7 @@ from pipeline.ema import WeightAverage, unreached_note
 from pipeline.errors import PipelineError
 from pipeline.files import load_torch
 from pipeline.loop import Data, Run
-from pipeline.model import predict_logits, resnet18
+from pipeline.model import normalise, predict_logits, resnet18
 from pipeline.settings import training_settings
 from preprocess import normalisation_stats, resize
 
@@ -80,6 +80,27 @@ def test_an_epoch_takes_full_batches_of_a_fresh_permutation(
     assert first != second
     with pytest.raises(PipelineError, match="train.batch_size = 32 .* at most the 20 training"):
         run_fit(tiny_params(), None, tiny_data(n_train=20))
+
+
+def test_the_last_unaugmented_epochs_train_on_the_images_as_they_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """3 epochs, the last 2 unaugmented: epoch 1's batches are shifted, rotated and
+    scaled; epochs 2 and 3 take each image exactly as it is, normalised."""
+    seen: dict[int, list[bool]] = {1: [], 2: [], 3: []}
+    real_batch = loop.batch
+    data = tiny_data(n_train=96)
+
+    def batch(data: Data, indices: torch.Tensor, run: Run, generator: object, epoch: int):
+        x, y = real_batch(data, indices, run, generator, epoch)
+        plain = normalise(data.train_x[indices], data.mean, data.std)
+        seen[epoch].append(torch.equal(x, plain))
+        return x, y
+
+    monkeypatch.setattr(loop, "batch", batch)
+    augmented = {"max_shift": 2, "max_rotate": 10.0, "max_scale": 0.1}
+    run_fit(tiny_params(epochs=3, unaugmented_epochs=2, **augmented), None, data)
+    assert seen == {1: [False] * 3, 2: [True] * 3, 3: [True] * 3}
 
 
 @pytest.mark.parametrize("shape", optim.SCHEDULES)

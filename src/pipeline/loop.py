@@ -100,8 +100,13 @@ def new_state(net: nn.Module, run: Run, steps: int) -> TrainingState:
     )
 
 
-def augmentation(p: TrainParams) -> Augmentation:
-    """The augmentation params.yaml asks for: Augmentation's fields are train.* keys."""
+def augmentation(p: TrainParams, epoch: int) -> Augmentation:
+    """The augmentation of `epoch` (from 1): the one params.yaml asks for (Augmentation's
+    fields are train.* keys), or none in the last train.unaugmented_epochs, which fit
+    the images as they are, as the test images come (He et al. 2019, "Data augmentation
+    revisited": a model trained on augmented images, fine-tuned on clean ones)."""
+    if epoch > p.epochs - p.unaugmented_epochs:
+        return Augmentation()
     return Augmentation(**{f.name: getattr(p, f.name) for f in fields(Augmentation)})
 
 
@@ -154,11 +159,12 @@ def train_step(
 
 
 def batch(
-    data: Data, indices: Tensor, run: Run, generator: torch.Generator
+    data: Data, indices: Tensor, run: Run, generator: torch.Generator, epoch: int
 ) -> tuple[Tensor, Tensor]:
-    """This process's slice of the global batch `indices`, augmented and normalised."""
+    """This process's slice of the global batch `indices`, augmented as `epoch` is and
+    normalised."""
     p, world, s = run.p, run.world, run.settings
-    how = augmentation(p)
+    how = augmentation(p, epoch)
     draws = draw(p.batch_size, data.train_x.shape[-1], how, generator)  # the global batch's
     local = p.batch_size // world.size
     part = slice(world.rank * local, (world.rank + 1) * local)
@@ -196,7 +202,7 @@ def train_one_epoch(
     start = time.perf_counter()
     for step in range(current.step, steps):
         indices = current.order[step * p.batch_size : (step + 1) * p.batch_size]
-        x, y = batch(data, indices, run, state.generator)
+        x, y = batch(data, indices, run, state.generator, epoch)
         logits = train_step(forward, x, y, state, loss_fn, s)
         with torch.no_grad():  # plain cross-entropy, comparable with the validation loss
             current.losses[step] = F.cross_entropy(logits.float(), y)
