@@ -4,7 +4,8 @@ The recipe: SGD with Nesterov momentum, a linear warm-up then a cosine or linear
 decay of the learning rate to 0 per step (pipeline/optim.py), label smoothing, no
 weight decay on BatchNorm and biases, random shifts of up to `train.max_shift`
 pixels and, where set, small rotations, scalings and Cutout (pipeline/augment.py),
-all on data kept on the device (pipeline/loop.py); where `train.ema_decay` is set,
+none of it in the last `train.unaugmented_epochs`, all on data kept on the device
+(pipeline/loop.py); where `train.ema_decay` is set,
 a moving average of the weights is validated and saved (pipeline/ema.py). Mixed
 precision, channels_last and torch.compile where the device gains from them
 (`auto`: pipeline/settings.py); on several GPUs, one process each, data-parallel
