@@ -91,7 +91,9 @@ def test_the_last_unaugmented_epochs_train_on_the_images_as_they_are(
     real_batch = loop.batch
     data = tiny_data(n_train=96)
 
-    def batch(data: Data, indices: torch.Tensor, run: Run, generator: object, epoch: int):
+    def batch(
+        data: Data, indices: torch.Tensor, run: Run, generator: object, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = real_batch(data, indices, run, generator, epoch)
         plain = normalise(data.train_x[indices], data.mean, data.std)
         seen[epoch].append(torch.equal(x, plain))
