@@ -44,7 +44,7 @@ import train
 from pipeline.ablation import OPTIONS, flipped, flipped_precision, flipped_switch
 from pipeline.bench_report import measure, report, summary
 from pipeline.errors import PipelineError
-from pipeline.loop import Data, Run, batch, fit, new_state, train_step
+from pipeline.loop import Data, Run, augmentation, batch, fit, new_state, train_step
 from pipeline.measure import hardware, timed
 from pipeline.model import normalise, resnet18
 from pipeline.params import load_params, load_paths
@@ -113,8 +113,8 @@ def bench_data_path(data: Data, p: train.TrainParams, steps: int) -> float:
     generator = torch.Generator(device=device).manual_seed(p.seed)
     indices = torch.randperm(len(data.train_y), generator=generator, device=device)
     indices, run_ = indices[: p.batch_size], Run(p, training_settings(p, device))
-    calls = 20 * steps
-    seconds = timed(lambda: batch(data, indices, run_, generator, 1), 5, calls, device)
+    calls, how = 20 * steps, augmentation(p, 1)
+    seconds = timed(lambda: batch(data, indices, run_, generator, how), 5, calls, device)
     return calls * p.batch_size / seconds
 
 

@@ -89,13 +89,14 @@ def test_the_last_unaugmented_epochs_train_on_the_images_as_they_are(
     scaled; epochs 2 and 3 take each image exactly as it is, normalised."""
     seen: dict[int, list[bool]] = {1: [], 2: [], 3: []}
     real_batch = loop.batch
-    data = tiny_data(n_train=96)
+    data = tiny_data(n_train=96)  # 3 steps an epoch
 
     def batch(
-        data: Data, indices: torch.Tensor, run: Run, generator: object, epoch: int
+        data: Data, indices: torch.Tensor, run: Run, generator: object, how: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = real_batch(data, indices, run, generator, epoch)
+        x, y = real_batch(data, indices, run, generator, how)
         plain = normalise(data.train_x[indices], data.mean, data.std)
+        epoch = 1 + sum(map(len, seen.values())) // 3
         seen[epoch].append(torch.equal(x, plain))
         return x, y
 

@@ -159,12 +159,11 @@ def train_step(
 
 
 def batch(
-    data: Data, indices: Tensor, run: Run, generator: torch.Generator, epoch: int
+    data: Data, indices: Tensor, run: Run, generator: torch.Generator, how: Augmentation
 ) -> tuple[Tensor, Tensor]:
-    """This process's slice of the global batch `indices`, augmented as `epoch` is and
+    """This process's slice of the global batch `indices`, augmented as `how` says and
     normalised."""
     p, world, s = run.p, run.world, run.settings
-    how = augmentation(p, epoch)
     draws = draw(p.batch_size, data.train_x.shape[-1], how, generator)  # the global batch's
     local = p.batch_size // world.size
     part = slice(world.rank * local, (world.rank + 1) * local)
@@ -198,11 +197,12 @@ def train_one_epoch(
     steps = len(data.train_y) // p.batch_size
     loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     current = start_epoch(state, epoch, len(data.train_y), steps, s.device)
+    how = augmentation(p, epoch)
     state.net.train()
     start = time.perf_counter()
     for step in range(current.step, steps):
         indices = current.order[step * p.batch_size : (step + 1) * p.batch_size]
-        x, y = batch(data, indices, run, state.generator, epoch)
+        x, y = batch(data, indices, run, state.generator, how)
         logits = train_step(forward, x, y, state, loss_fn, s)
         with torch.no_grad():  # plain cross-entropy, comparable with the validation loss
             current.losses[step] = F.cross_entropy(logits.float(), y)
