@@ -33,13 +33,13 @@ PY
   (cd "$root" && TMPDIR=$root/tmp PYTHONUNBUFFERED=1 exec "$project/.venv/bin/python" src/train.py >"$console" 2>&1) &
   run=$!
   while kill -0 $run 2>/dev/null; do
-    if grep -q "epoch 1/8: train loss" "$console"; then
+    if grep -q "epoch 1/[0-9]*: train loss" "$console"; then
       kill -TERM $run
       break
     fi
     sleep 3
   done
   wait $run 2>/dev/null
-  grep "epoch 1/8: train loss" "$console" | sed "s/^/seed $seed: /"
+  grep "epoch 1/[0-9]*: train loss" "$console" | sed "s/^/seed $seed: /"
   rm -rf "$root"
 done

@@ -9,6 +9,7 @@ gradients, the worst tensor's, and the logits'. channels_last as the train stage
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,14 +18,14 @@ import torch.nn as nn
 
 PROJECT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(PROJECT / "src"))
-from pipeline.model import resnet18  # noqa: E402
+from pipeline.model import normalise, resnet18  # noqa: E402
 
 BATCH = 512
-data = torch.load(PROJECT / "data/processed/train.pt", weights_only=True)
-stats = {"mean": 0.1308, "std": 0.2892}  # data/processed/stats.json, rounded
-images = (data["images"][:BATCH].float() / 255 - stats["mean"]) / stats["std"]
-images = images.unsqueeze(1) if images.dim() == 3 else images
-labels = data["labels"][:BATCH].long()
+PROCESSED = PROJECT / "data/processed"
+data = torch.load(PROCESSED / "train.pt", weights_only=True)
+stats = json.loads((PROCESSED / "stats.json").read_text())
+images = normalise(data["images"][:BATCH], stats["mean"], stats["std"])
+labels = data["labels"][:BATCH]
 
 
 def step(threads: int, bf16: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
