@@ -21,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from download import DataParams
-from evaluate import EvaluateParams
 from pipeline.errors import PipelineError
+from pipeline.evaluate_params import EvaluateParams
 from pipeline.files import atomic_path
 from pipeline.mnist import NUM_CLASSES, TEST_IMAGES, TRAIN_IMAGES
 from pipeline.params import PARAMS_FILE, Paths, parse_section, read_params_file, require
+from pipeline.plot_params import PlotParams
+from pipeline.preprocess_params import PreprocessParams
 from pipeline.process import run
-from pipeline.settings import missing_device
-from plot import PlotParams
-from preprocess import PreprocessParams
-from train import ModelParams, TrainParams
+from pipeline.train_params import ModelParams, TrainParams
 
 SECTIONS = (
     Paths,
@@ -87,6 +86,12 @@ def check_document(document: Any) -> dict[str, Any]:
     for key in ("train.device", "evaluate.device"):
         section, name = key.split(".")
         requested = getattr(parsed[section], name)
+        if requested in ("auto", "cpu"):
+            continue  # every machine has them: no need to import torch to ask
+        # Imported here, not above: asking for a GPU needs torch, which takes longer to
+        # import than the rest of this stage takes to run (docs/speed.md, start-up).
+        from pipeline.settings import missing_device
+
         why = missing_device(requested)
         require(why is None, key, requested, f"{why}; use auto or cpu")
     return parsed

@@ -17,9 +17,7 @@ prediction or two against fp32 (1 of 10,000 test images in docs/speed.md);
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import pandas as pd
 import torch
@@ -27,37 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.augment import shift
+from pipeline.evaluate_params import TTA_SHIFTS, EvaluateParams
 from pipeline.files import atomic_path, load_torch
 from pipeline.gpus import claim_device
 from pipeline.mnist import NUM_CLASSES
 from pipeline.model import load_model, predict_logits
-from pipeline.params import Auto, check, load_params, load_paths
+from pipeline.params import load_params, load_paths
 from pipeline.process import run
-from pipeline.settings import Device, Precision, Settings, inference_settings, pick_device
-
-
-@dataclass(frozen=True)
-class EvaluateParams:
-    SECTION: ClassVar[str] = "evaluate"
-    batch_size: int | Literal["auto"]
-    device: Device
-    precision: Precision
-    channels_last: Auto
-    tta: int
-
-    def __post_init__(self) -> None:
-        check(
-            self,
-            "batch_size",
-            self.batch_size == "auto" or self.batch_size >= 1,
-            "an integer >= 1 or auto",
-        )
-        check(self, "tta", 0 <= self.tta <= len(TTA_SHIFTS), f"0..{len(TTA_SHIFTS)} copies")
-
-
-# Test-time augmentation: the image and copies of it shifted by one pixel, in this
-# order, their logits averaged (`evaluate.tta` copies).
-TTA_SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (1, -1), (-1, 1), (-1, -1))
+from pipeline.settings import Settings, inference_settings, pick_device
 
 
 def inference_logits(

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import matplotlib
 
@@ -30,23 +29,13 @@ from pipeline.figures import accuracy_axis, error_percent
 from pipeline.files import atomic_path, load_torch
 from pipeline.mnist import NUM_CLASSES
 from pipeline.model import read_model_file
-from pipeline.params import check, load_params, load_paths
+from pipeline.params import load_params, load_paths
+from pipeline.plot_params import PlotParams
 from pipeline.process import run
 
 # The per-class axis is the same for every run, so that runs compare at a glance;
 # a class below its floor is drawn as a marker on the floor with its value.
 PER_CLASS_RANGE = (90.0, 100.0)  # accuracy, %
-
-
-@dataclass(frozen=True)
-class PlotParams:
-    SECTION: ClassVar[str] = "plot"
-    max_misclassified: int
-    dpi: int
-
-    def __post_init__(self) -> None:
-        check(self, "max_misclassified", 1 <= self.max_misclassified <= 100, "an integer in 1..100")
-        check(self, "dpi", 50 <= self.dpi <= 600, "an integer in 50..600")
 
 
 # --------------------------------------------------------------------------- inputs

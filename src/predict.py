@@ -38,9 +38,9 @@ from torch import Tensor
 from evaluate import TTA_SHIFTS, inference_logits
 from pipeline.errors import ERROR_PREFIX, EXIT_ERROR, PipelineError
 from pipeline.model import load_model
-from pipeline.params import PARAMS_FILE, load_paths, read_params_file, require
+from pipeline.params import PARAMS_FILE, Device, load_paths, read_params_file, require
 from pipeline.process import run
-from pipeline.settings import Device, Settings, inference_settings, pick_device
+from pipeline.settings import Settings, inference_settings, pick_device
 from preprocess import resize
 
 MAX_SIDE = 512  # px: larger images are reduced first; a digit a tenth as tall keeps 51 px

@@ -14,9 +14,7 @@ Outputs: `paths.processed`/{train,val,test}.pt, each {"images": uint8 (N,1,32,32
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,36 +25,12 @@ from pipeline.errors import PipelineError
 from pipeline.files import atomic_path
 from pipeline.mnist import NUM_CLASSES, RAW_FILES
 from pipeline.params import check, load_params, load_paths
+from pipeline.preprocess_params import PreprocessParams
 from pipeline.process import run
 
 IMAGE_SIZE = 32  # the model's input: 28x28 digits upsampled so 4 stride-2 stages end at 4x4
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
-
-
-@dataclass(frozen=True)
-class PreprocessParams:
-    SECTION: ClassVar[str] = "preprocess"
-    val_size: int
-    train_limit: int
-    test_limit: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        check(
-            self,
-            "val_size",
-            self.val_size >= NUM_CLASSES,
-            f"an integer >= {NUM_CLASSES} (one image per class)",
-        )
-        for key in ("train_limit", "test_limit"):
-            value = getattr(self, key)
-            check(
-                self,
-                key,
-                value == 0 or value >= NUM_CLASSES,
-                f"0 (all) or an integer >= {NUM_CLASSES}",
-            )
 
 
 # --------------------------------------------------------------------------- IDX

@@ -91,6 +91,26 @@ def test_the_stage_writes_its_fixed_text_or_nothing(project: Path) -> None:
     assert not output.exists()
 
 
+def test_the_stage_imports_no_heavy_library(project: Path) -> None:
+    """It runs before every stage of every `dvc exp run`: its whole job is reading a YAML
+    file, so it must not pay for importing torch, matplotlib or pandas (each of which
+    the stage scripts import), unless params.yaml asks for a GPU (docs/speed.md)."""
+    probe = (
+        "import runpy, sys\n"
+        "sys.path.insert(0, 'src')\n"
+        "runpy.run_path('src/check_params.py', run_name='__main__')\n"
+        "heavy = ('torch', 'matplotlib', 'pandas', 'dvclive')\n"
+        "print(sorted(name for name in heavy if name in sys.modules))\n"
+    )
+    ran = run_cmd([sys.executable, "-c", probe], cwd=project)
+    assert ran.stdout.splitlines() == [CHECKED.strip(), "[]"]
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["device"] = "cuda"  # only torch can say whether this machine has one
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    asked = run_cmd([sys.executable, "-c", probe], cwd=project, check=False)
+    assert "'torch'" in asked.stdout or "train.device = 'cuda'" in asked.stderr
+
+
 @pytest.mark.parametrize("key", ["train.device", "evaluate.device"])
 @pytest.mark.parametrize("device", ["cuda", "mps"])
 def test_a_device_this_machine_lacks_is_refused(

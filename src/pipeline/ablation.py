@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
-    from train import TrainParams
+    from pipeline.train_params import TrainParams
 
 OPTIONS = ("precision", "channels_last", "compile", "cuda_graphs", "fused_optimizer", "augment")
 # What `--ablate augment` turns on where params.yaml has no augmentation but the shift:

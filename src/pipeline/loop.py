@@ -41,7 +41,7 @@ from pipeline.progress import Progress, say
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
-    from train import TrainParams
+    from pipeline.train_params import TrainParams
 
 
 @dataclass

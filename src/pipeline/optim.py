@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from train import TrainParams
+    from pipeline.train_params import TrainParams
 
 
 def make_optimizer(net: nn.Module, p: TrainParams, fused: bool) -> torch.optim.SGD:

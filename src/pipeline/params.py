@@ -26,6 +26,8 @@ from pipeline.errors import PipelineError
 PARAMS_FILE = Path("params.yaml")
 
 Auto = Literal["auto", True, False]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

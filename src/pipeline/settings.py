@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,10 +18,8 @@ from torch import nn
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
-    from train import TrainParams
+    from pipeline.train_params import TrainParams
 
-Device = Literal["auto", "cpu", "cuda", "mps"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # `auto` images per evaluation batch: large batches fill a GPU, while on the 2-core
