@@ -1,7 +1,6 @@
-"""The evaluate stage's params (predict's too): params.yaml `evaluate`, checked on loading.
+"""The evaluate stage's params (predict's too): `evaluate`, checked on loading.
 
-Apart from the stage script and free of torch, so that the check_params stage, which
-checks every section before any stage runs, starts without importing it.
+Free of torch, as every stage's params are: pipeline/params.py says why.
 """
 
 from __future__ import annotations

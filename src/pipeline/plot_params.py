@@ -1,8 +1,6 @@
 """The plot stage's params: params.yaml `plot`, checked on loading.
 
-Apart from the stage script and free of torch and matplotlib, so that the
-check_params stage, which checks every section before any stage runs, starts
-without importing them.
+Free of torch, as every stage's params are: pipeline/params.py says why.
 """
 
 from __future__ import annotations
