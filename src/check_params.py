@@ -25,7 +25,14 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate_params import EvaluateParams
 from pipeline.files import atomic_path
 from pipeline.mnist import NUM_CLASSES, TEST_IMAGES, TRAIN_IMAGES
-from pipeline.params import PARAMS_FILE, Paths, parse_section, read_params_file, require
+from pipeline.params import (
+    ANY_MACHINE,
+    PARAMS_FILE,
+    Paths,
+    parse_section,
+    read_params_file,
+    require,
+)
 from pipeline.plot_params import PlotParams
 from pipeline.preprocess_params import PreprocessParams
 from pipeline.process import run
@@ -86,8 +93,8 @@ def check_document(document: Any) -> dict[str, Any]:
     for key in ("train.device", "evaluate.device"):
         section, name = key.split(".")
         requested = getattr(parsed[section], name)
-        if requested in ("auto", "cpu"):
-            continue  # every machine has them: no need to import torch to ask
+        if requested in ANY_MACHINE:
+            continue
         # Imported here, not above: asking for a GPU needs torch, which takes longer to
         # import than the rest of this stage takes to run (docs/speed.md, start-up).
         from pipeline.settings import missing_device

@@ -19,7 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+from pipeline.measure import hardware  # noqa: E402
+
 HEAVY = ("torch", "matplotlib", "pandas", "dvclive")
 PROBE = (
     "import runpy, sys; sys.path.insert(0, 'src'); "
@@ -54,14 +59,7 @@ def seconds(folder: Path) -> float:
 def main() -> None:
     old, new = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "workspace"
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 10
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = hardware(torch.device("cpu"))  # this process's threads, not the stage's
     print(f"{cpu}, Python {platform.python_version()}, {rounds} rounds")
     with tempfile.TemporaryDirectory() as scratch:
         folders = {

@@ -33,6 +33,7 @@ PARAMS_FILE = Path("params.yaml")
 Auto = Literal["auto", True, False]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+ANY_MACHINE = ("auto", "cpu")  # the Devices every machine runs: torch need not be asked
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

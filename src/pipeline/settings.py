@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.params import ANY_MACHINE
 
 if TYPE_CHECKING:
     from pipeline.train_params import TrainParams
@@ -34,7 +35,7 @@ def available_devices() -> dict[str, bool]:
 
 def missing_device(requested: str) -> str | None:
     """Why `requested` (a Device) cannot run here, or None if it can."""
-    if requested in ("auto", "cpu") or available_devices()[requested]:
+    if requested in ANY_MACHINE or available_devices()[requested]:
         return None
     return f"torch {torch.__version__} sees no {requested.upper()} device on this machine"
 
